@@ -1,0 +1,114 @@
+"""The ``dessilbi`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dessilbi.config import ConfigError, TrainConfig, add_config_arguments, load_config
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+DessiLBI: train a network and read off its sparse structure along the whole path.
+
+Examples:
+  dessilbi train                                  # the digits demo (embedded data)
+  dessilbi train --config mnist_lenet5 --data-dir ../shared/data
+  dessilbi train --config cifar10_resnet20 --data-dir data --nu 50 --epochs 20
+  dessilbi train --resume runs/mnist-lenet5-dessilbi-nu20-seed0
+  torchrun --nproc_per_node=2 -m dessilbi train --config cifar10_resnet56 --data-dir data
+"""
+
+
+def _train_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "train",
+        help="train a model (DessiLBI, SGD or Adam) and record its path",
+        description=(
+            "Train a model and record, every epoch, the accuracy of the dense weights W and of "
+            "the sparse network W~ = W * 1[Gamma != 0], the selected groups per layer, and the "
+            "path (group norms, supports, entry epochs) into a run directory. Values come from "
+            "the defaults, then --config, then the options below."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        help="a YAML config file, or the name of a shipped one (default: digits): "
+        + ", ".join(sorted(_shipped())),
+    )
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", type=Path,
+        help="continue the run in RUN_DIR from its last checkpoint (its config is reused; "
+        "--epochs may extend it)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars; a line per epoch")
+    parser.add_argument(
+        "--log-every", type=int, default=0, metavar="STEPS",
+        help="also print a line every STEPS training steps (default: never)",
+    )
+    add_config_arguments(parser)
+    return parser
+
+
+def _shipped() -> list[str]:
+    from dessilbi.config import builtin_configs
+
+    return list(builtin_configs())
+
+
+def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{saved}: missing; is {run_dir} a dessilbi run directory?")
+    allowed = {"epochs", "device", "workers", "eval_batch_size", "data_dir"}
+    changed = sorted(set(overrides) - allowed)
+    if changed:
+        raise ConfigError(
+            f"cannot change {', '.join(changed)} when resuming (only {', '.join(sorted(allowed))})"
+        )
+    return load_config(saved, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dessilbi`` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="dessilbi", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+
+    from dessilbi.data import DatasetError
+    from dessilbi.train import CheckpointError, TrainingError, format_summary, train
+
+    options = vars(args)
+    reserved = {"command", "config", "resume", "quiet", "log_every"}
+    overrides = {k: v for k, v in options.items() if k not in reserved}
+    try:
+        if args.resume is not None:
+            if args.config is not None:
+                raise ConfigError("--config and --resume exclude each other")
+            config = _resume_config(args.resume, overrides)
+        else:
+            config = load_config(args.config or "digits", overrides)
+        result = train(config, resume_dir=args.resume, quiet=args.quiet, log_every=args.log_every)
+    except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:
+        print(f"dessilbi: error: {exc}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The training configuration: one typed dataclass that is the command line and the file format.
+
+Values come, in increasing priority, from the defaults below, a YAML config file, and command-line
+overrides. The resolved configuration is written into every run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "add_config_arguments", "builtin_configs", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the problem."""
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def _list_opt(default: list[Any], help: str) -> Any:
+    return field(default_factory=lambda: list(default), metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (see ``dessilbi train --help``)."""
+
+    # data
+    dataset: str = _opt("digits", "data set: digits, mnist, fashion_mnist, cifar10, cifar100, "
+                        "cifar10_jpeg, imagefolder")
+    data_dir: str | None = _opt(None, "data directory (default: $DESSILBI_DATA or ./data)")
+    download: bool = _opt(False, "download the official archives if missing (needs internet)")
+    augment: bool = _opt(True, "use the data set's default training augmentation")
+    # model
+    model: str = _opt("small_cnn", "model name (see dessilbi.models.available_models())")
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "extra model arguments as JSON, e.g. '{\"widths\": [16, 32, 64]}'"},
+    )
+    # optimizer
+    optimizer: str = _opt("dessilbi", "dessilbi, sgd or adam")
+    lr: float = _opt(0.1, "learning rate α")
+    kappa: float = _opt(1.0, "DessiLBI damping κ")
+    nu: float = _opt(100.0, "DessiLBI coupling ν (larger: sparser)")
+    lam: float = _opt(1.0, "DessiLBI sparsity threshold λ")
+    momentum: float = _opt(0.9, "momentum")
+    dampening: float = _opt(0.0, "momentum dampening")
+    nesterov: bool = _opt(False, "Nesterov momentum")
+    weight_decay: float = _opt(0.0, "weight decay of weights")
+    norm_weight_decay: float = _opt(0.0, "weight decay of biases and normalisation parameters")
+    conv_structure: str | None = _opt("filter", "structure of conv weights: filter, channel, "
+                                      "element or none")
+    linear_structure: str | None = _opt("element", "structure of linear weights")
+    group_scaling: str = _opt("none", "group threshold scaling: none or sqrt_size")
+    exclude: list[str] = _list_opt([], "glob patterns of module names left uncoupled")
+    # schedule
+    schedule: str = _opt("constant", "learning-rate schedule: constant, step, multistep, cosine")
+    lr_step: int = _opt(30, "epochs between decays of the step schedule")
+    milestones: list[int] = _list_opt([], "epochs of the decays of the multistep schedule")
+    lr_decay: float = _opt(0.1, "decay factor of the step and multistep schedules")
+    # run
+    epochs: int = _opt(30, "training epochs")
+    batch_size: int = _opt(64, "global batch size (split across processes under torchrun)")
+    eval_batch_size: int = _opt(1000, "batch size for evaluation")
+    seed: int = _opt(0, "random seed (model init, data order, augmentation)")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    workers: int = _opt(4, "data-loading worker processes for on-disk data sets")
+    out: str = _opt("runs", "parent directory of run directories")
+    run_name: str | None = _opt(None, "run directory name (default: built from the config)")
+
+    def __post_init__(self) -> None:
+        for name in ("conv_structure", "linear_structure"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).lower() == "none":
+                setattr(self, name, None)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values that cannot work, naming the key."""
+        checks = [
+            ("optimizer", self.optimizer in ("dessilbi", "sgd", "adam"), "dessilbi, sgd or adam"),
+            ("schedule", self.schedule in ("constant", "step", "multistep", "cosine"),
+             "constant, step, multistep or cosine"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "at least 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("lr_step", self.lr_step >= 1, "at least 1"),
+            ("workers", self.workers >= 0, ">= 0"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"invalid {key}: {getattr(self, key)!r} (expected {expected})")
+
+    @property
+    def default_run_name(self) -> str:
+        """``<dataset>-<model>-<optimizer>[-nu<ν>]-seed<seed>``: readable and stable."""
+        parts = [self.dataset, self.model, self.optimizer]
+        if self.optimizer == "dessilbi":
+            parts.append(f"nu{self.nu:g}")
+        parts.append(f"seed{self.seed}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a value from YAML or the command line to the type of field ``key``."""
+    kind = str(_FIELDS[key].type)
+    try:
+        nullish = isinstance(value, str) and value.lower() in ("none", "null")
+        if (value is None or nullish) and "None" in kind:
+            return None
+        if value is None:
+            raise ValueError("null is not allowed here")
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("list"):
+            items = value if isinstance(value, list) else [
+                v for v in str(value).split(",") if v.strip()
+            ]
+            cast = int if "int" in kind else str
+            return [cast(v.strip() if isinstance(v, str) else v) for v in items]
+        if kind.startswith("dict"):
+            parsed = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(parsed, dict):
+                raise ValueError("expected a mapping")
+            return parsed
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value for {key}: {value!r} ({exc})") from exc
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    for key in values:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The experiment configs shipped with the package, by name (file stem)."""
+    folder = resources.files("dessilbi") / "configs"
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in folder.iterdir()
+        if entry.name.endswith((".yaml", ".yml"))
+    }
+
+
+def _resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = builtin_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a file nor a shipped config "
+        f"({', '.join(sorted(shipped))})"
+    )
+
+
+def load_config(
+    config: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file (a path or a shipped config's name), then ``overrides``."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        path = _resolve_config_path(str(config))
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded)}")
+        _check_keys(loaded, str(path))
+        values.update({k: _coerce(k, v) for k, v in loaded.items()})
+    if overrides:
+        _check_keys(overrides, "the command line")
+        values.update({k: _coerce(k, v) for k, v in overrides.items()})
+    return TrainConfig(**values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--key`` option per config field, defaulting to "not given" (``SUPPRESS``)."""
+    group = parser.add_argument_group("config overrides (any config key)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        help_text = f.metadata.get("help", "")
+        if kind.startswith("bool"):
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            metavar = f.name.upper().split("_")[-1]
+            group.add_argument(
+                flag, default=argparse.SUPPRESS, metavar=metavar, dest=f.name, help=help_text
+            )

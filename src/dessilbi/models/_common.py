@@ -1,0 +1,53 @@
+"""Helpers shared by the model definitions: weight initialisation and argument checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def init_weights(model: nn.Module) -> None:
+    """Initialise ``model`` in place with the scheme used throughout the zoo.
+
+    * ``nn.Conv2d``: Kaiming-normal with ``mode="fan_in"`` (the default of
+      :func:`torch.nn.init.kaiming_normal_`, as in the reference CIFAR ResNet code), which keeps
+      the forward activation variance roughly constant through ReLU layers; this matters for the
+      BatchNorm-free nets (LeNet-5, plain VGG-16). Conv biases, where present, start at zero.
+    * ``nn.BatchNorm2d``: weight 1, bias 0 (an identity affine transform at the start).
+    * ``nn.Linear``: left at PyTorch's default (Kaiming-uniform), bias kept as well; it already
+      behaves well for the small classifier heads used here.
+
+    Every random draw comes from torch's global generator, so the result is fully determined by
+    :func:`torch.manual_seed` and the order in which modules were created.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def check_positive(name: str, value: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive integer (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_widths(widths: Sequence[int] | None, default: Sequence[int], what: str) -> list[int]:
+    """Return ``widths`` (or ``default`` when ``None``) as a validated list of channel counts.
+
+    ``what`` names the model in error messages. The length must match ``default`` because each
+    entry maps to a fixed layer/stage of the architecture.
+    """
+    if widths is None:
+        return list(default)
+    result = list(widths)
+    if len(result) != len(default):
+        raise ValueError(f"{what} expects {len(default)} widths, got {len(result)}: {result!r}")
+    for i, w in enumerate(result):
+        check_positive(f"{what} widths[{i}]", w)
+    return result

@@ -1,0 +1,425 @@
+"""The DessiLBI optimizer: SGD on the weights W, an inverse scale space on their twin Γ."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch.optim import Optimizer
+
+from dessilbi.optim.prox import GROUP_SCALINGS, check_structure, group_threshold, prox
+
+__all__ = ["DessiLBI", "NonFiniteGradientError", "dessilbi"]
+
+_NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or Inf; the optimizer refused the step and changed nothing."""
+
+
+class DessiLBI(Optimizer):
+    r"""Deep structurally splitting linearized Bregman iteration (Fu et al., TPAMI 2022).
+
+    Every coupled weight tensor ``W`` gets a structure parameter ``Γ`` of the same shape, tied to
+    it by ``‖W − Γ‖² / (2ν)``. ``W`` follows (momentum) SGD on ``L(W) + ‖W − Γ‖²/(2ν)``; ``Γ``
+    follows a linearised Bregman iteration: it starts at exactly zero and groups enter its support
+    one after another, the most important first. ``W ⊙ 1[Γ ≠ 0]`` is the sparse network.
+
+    One step, for a coupled parameter (``structure`` not None), with ``g`` in ``W.grad``::
+
+        g  = g + weight_decay · W_k                            (if weight_decay > 0)
+        b  = momentum · b + (1 − dampening) · g                (first step: b = g)
+        d  = g + momentum · b   if nesterov   else   b         (d = g if momentum = 0)
+        W_{k+1} = W_k − κ·lr·( d + (W_k − Γ_k) / ν )
+        V_{k+1} = V_k + (lr / ν) · (W_k − Γ_k)
+        Γ_{k+1} = κ · prox_{λΩ}( V_{k+1} )
+
+    An uncoupled parameter (``structure=None``: biases, norm layers, anything excluded) takes
+    ``W_{k+1} = W_k − κ·lr·d``: plain SGD at step ``κ·lr``. Momentum acts on the loss gradient
+    only; ``V`` never sees it. The proximal maps (``λ_g = lam``, or ``lam·sqrt(group size)`` under
+    ``group_scaling="sqrt_size"``):
+
+    - ``"element"``: ``sign(V)·max(|V| − λ, 0)`` (lasso);
+    - ``"filter"`` / ``"channel"``: ``max(0, 1 − λ_g/‖V_g‖)·V_g`` over the groups ``V[i, ...]`` /
+      ``V[:, j, ...]`` (group lasso), exactly zero when ``‖V_g‖ ≤ λ_g``.
+
+    State per parameter: ``"momentum_buffer"`` (when momentum > 0), and for coupled parameters
+    ``"v"`` (V) and ``"gamma"`` (Γ), all tensors, so ``state_dict()`` restores a run exactly.
+    Parameters whose ``grad`` is None are skipped entirely, as in ``torch.optim.SGD``.
+
+    Non-finite gradients: before anything is changed, every step checks that all gradients are
+    finite. With ``nonfinite="raise"`` (default) it raises :class:`NonFiniteGradientError` and
+    leaves parameters and state untouched; with ``nonfinite="skip"`` it warns and skips the step
+    (useful with mixed precision, where an occasional overflow is expected).
+
+    Args:
+        params: parameters or param groups; :func:`dessilbi.structured_param_groups` builds groups
+            with the right structure per layer type.
+        lr: step size α (> 0).
+        kappa: damping κ (> 0); ``Γ = κ·prox(V)`` and the W step is scaled by κ.
+        nu: coupling strength ν (> 0); larger ν gives a sparser Γ at a given time.
+        lam: sparsity threshold λ (≥ 0).
+        momentum: heavy-ball momentum on the loss gradient, in [0, 1).
+        dampening: dampening of the momentum, in [0, 1].
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+        weight_decay: L2 penalty added to the loss gradient (≥ 0).
+        structure: ``None``, ``"element"``, ``"filter"`` or ``"channel"`` (default for groups
+            that don't set it).
+        group_scaling: ``"none"`` or ``"sqrt_size"``.
+        foreach: use the multi-tensor path (default when None); False selects the per-tensor
+            path, which reads like the algorithm above.
+        nonfinite: ``"raise"`` or ``"skip"``; see above.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        kappa: float = 1.0,
+        nu: float = 100.0,
+        lam: float = 1.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        structure: str | None = "element",
+        group_scaling: str = "none",
+        *,
+        foreach: bool | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(
+                f"Invalid nonfinite: {nonfinite!r} (expected one of {_NONFINITE_POLICIES})"
+            )
+        self.nonfinite = nonfinite
+        defaults = {
+            "lr": lr,
+            "kappa": kappa,
+            "nu": nu,
+            "lam": lam,
+            "momentum": momentum,
+            "dampening": dampening,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "structure": structure,
+            "group_scaling": group_scaling,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, validating its hyperparameters (``ValueError`` names the bad one)."""
+        super().add_param_group(param_group)
+        try:
+            _validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _gather(
+        self, group: dict[str, Any]
+    ) -> tuple[
+        list[torch.Tensor],
+        list[torch.Tensor],
+        list[torch.Tensor | None],
+        list[torch.Tensor],
+        list[torch.Tensor],
+    ]:
+        """Parameters with a gradient, their gradients and state, creating state lazily."""
+        coupled = group["structure"] is not None
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        buffers: list[torch.Tensor | None] = []
+        vs: list[torch.Tensor] = []
+        gammas: list[torch.Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("DessiLBI does not support sparse gradients")
+            state = self.state[p]
+            params.append(p)
+            grads.append(p.grad)
+            buffers.append(state.get("momentum_buffer"))
+            if coupled:
+                if "v" not in state:
+                    state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["gamma"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                vs.append(state["v"])
+                gammas.append(state["gamma"])
+        return params, grads, buffers, vs, gammas
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one DessiLBI step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        gathered = [self._gather(group) for group in self.param_groups]
+        culprits = _nonfinite_gradients([g for _, grads, *_ in gathered for g in grads])
+        if culprits:
+            where = _describe(self.param_groups, culprits)
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradient (NaN or Inf) in {where}; the step was refused and "
+                    "weights, V and Gamma are unchanged. Lower the learning rate or nu, or pass "
+                    "nonfinite='skip' to skip such steps."
+                )
+            warnings.warn(
+                f"DessiLBI skipped a step: non-finite gradient in {where}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+
+        for group, (params, grads, buffers, vs, gammas) in zip(
+            self.param_groups, gathered, strict=True
+        ):
+            dessilbi(
+                params,
+                grads,
+                buffers,
+                vs,
+                gammas,
+                lr=group["lr"],
+                kappa=group["kappa"],
+                nu=group["nu"],
+                lam=group["lam"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                structure=group["structure"],
+                group_scaling=group["group_scaling"],
+                foreach=group["foreach"],
+            )
+            if group["momentum"] != 0:
+                for p, buffer in zip(params, buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer
+        return loss
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter of a param group."""
+
+    def bad(name: str, rule: str) -> ValueError:
+        return ValueError(f"Invalid {name}: {group[name]!r} ({rule})")
+
+    if not group["lr"] > 0:
+        raise bad("lr", "must be > 0")
+    if not group["kappa"] > 0:
+        raise bad("kappa", "must be > 0")
+    if not group["nu"] > 0:
+        raise bad("nu", "must be > 0")
+    if not group["lam"] >= 0:
+        raise bad("lam", "must be >= 0")
+    if not 0 <= group["momentum"] < 1:
+        raise bad("momentum", "must be in [0, 1)")
+    if not 0 <= group["dampening"] <= 1:
+        raise bad("dampening", "must be in [0, 1]")
+    if not group["weight_decay"] >= 0:
+        raise bad("weight_decay", "must be >= 0")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise bad("nesterov", "Nesterov momentum needs momentum > 0 and dampening = 0")
+    if group["group_scaling"] not in GROUP_SCALINGS:
+        raise bad("group_scaling", f"expected one of {GROUP_SCALINGS}")
+    for p in group["params"]:
+        check_structure(group["structure"], p.shape)
+
+
+def _nonfinite_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients holding NaN or Inf (empty in the common case, found in one cheap pass)."""
+    if not grads:
+        return []
+    # A sum is NaN or Inf when any entry is: one read-only reduction per tensor, far cheaper
+    # than isfinite().all(). Low-precision gradients are summed in float32 so that a large but
+    # finite half-precision gradient does not overflow.
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
+        by_device.setdefault(g.device, []).append(g.sum(dtype=acc))
+    if all(bool(torch.stack(sums).isfinite().all()) for sums in by_device.values()):
+        return []
+    # Rare path: name the culprits exactly (a finite sum can also overflow; recheck per entry).
+    return [g for g in grads if not bool(torch.isfinite(g).all())]
+
+
+def _describe(groups: list[dict[str, Any]], culprits: list[torch.Tensor]) -> str:
+    bad = {id(g) for g in culprits}
+    places = [
+        f"param group {gi} parameter {pi} (shape {tuple(p.shape)})"
+        for gi, group in enumerate(groups)
+        for pi, p in enumerate(group["params"])
+        if p.grad is not None and id(p.grad) in bad
+    ]
+    return ", ".join(places[:5]) + (f" and {len(places) - 5} more" if len(places) > 5 else "")
+
+
+def dessilbi(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    vs: list[torch.Tensor],
+    gammas: list[torch.Tensor],
+    *,
+    lr: float,
+    kappa: float,
+    nu: float,
+    lam: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    structure: str | None,
+    group_scaling: str,
+    foreach: bool | None = None,
+) -> None:
+    """Functional DessiLBI step over one param group (see :class:`DessiLBI` for the algorithm).
+
+    Updates ``params``, ``vs`` and ``gammas`` in place. ``momentum_buffers`` holds None for a
+    parameter on its first step; the new buffers are written back into the list. ``vs`` and
+    ``gammas`` are ignored (may be empty) when ``structure`` is None.
+    """
+    if foreach is None:
+        foreach = not torch.jit.is_scripting()
+    impl = _multi_tensor_dessilbi if foreach else _single_tensor_dessilbi
+    impl(
+        params,
+        grads,
+        momentum_buffers,
+        vs,
+        gammas,
+        lr=lr,
+        kappa=kappa,
+        nu=nu,
+        lam=lam,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        structure=structure,
+        group_scaling=group_scaling,
+    )
+
+
+def _single_tensor_dessilbi(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    vs: list[torch.Tensor],
+    gammas: list[torch.Tensor],
+    *,
+    lr: float,
+    kappa: float,
+    nu: float,
+    lam: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    structure: str | None,
+    group_scaling: str,
+) -> None:
+    for i, w in enumerate(params):
+        g = grads[i]
+        if weight_decay != 0:
+            g = g.add(w, alpha=weight_decay)
+        if momentum != 0:
+            b = momentum_buffers[i]
+            if b is None:
+                b = torch.clone(g).detach()
+                momentum_buffers[i] = b
+            else:
+                b.mul_(momentum).add_(g, alpha=1 - dampening)
+            d = g.add(b, alpha=momentum) if nesterov else b
+        else:
+            d = g
+        if structure is None:
+            w.add_(d, alpha=-kappa * lr)
+            continue
+        v, gamma = vs[i], gammas[i]
+        coupling = w - gamma  # W_k − Γ_k, taken before W moves
+        w.add_(d + coupling / nu, alpha=-kappa * lr)
+        v.add_(coupling, alpha=lr / nu)
+        lam_g = group_threshold(lam, structure, w.shape, group_scaling)
+        prox(v, structure, lam_g, kappa, out=gamma)
+
+
+def _multi_tensor_dessilbi(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    vs: list[torch.Tensor],
+    gammas: list[torch.Tensor],
+    *,
+    lr: float,
+    kappa: float,
+    nu: float,
+    lam: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    structure: str | None,
+    group_scaling: str,
+) -> None:
+    coupled = structure is not None
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+
+    for idx in buckets.values():
+        ws = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        # The update is ordered so that no tensor pass is spent on temporaries: everything that
+        # needs W_k and Γ_k (the V update, weight decay, the coupling pull on W) runs before the
+        # loss-gradient step moves W, and Γ is recomputed from V last.
+        if coupled:
+            v_b = [vs[i] for i in idx]
+            gamma_b = [gammas[i] for i in idx]
+            torch._foreach_add_(v_b, ws, alpha=lr / nu)
+            torch._foreach_add_(v_b, gamma_b, alpha=-lr / nu)
+        if weight_decay != 0:
+            gs = cast(list[torch.Tensor], torch._foreach_add(gs, ws, alpha=weight_decay))
+        if coupled:
+            # W − (κ·lr/ν)(W − Γ), in one pass.
+            torch._foreach_lerp_(ws, gamma_b, kappa * lr / nu)
+        if momentum == 0:
+            torch._foreach_add_(ws, gs, alpha=-kappa * lr)
+        else:
+            bufs = _momentum_update(
+                [momentum_buffers[i] for i in idx], gs, momentum=momentum, dampening=dampening
+            )
+            for i, b in zip(idx, bufs, strict=True):
+                momentum_buffers[i] = b
+            d = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
+            torch._foreach_add_(ws, d, alpha=-kappa * lr)
+        if coupled:
+            for w, v, gamma in zip(ws, v_b, gamma_b, strict=True):
+                lam_g = group_threshold(lam, structure, w.shape, group_scaling)
+                prox(v, cast(str, structure), lam_g, kappa, out=gamma)
+
+
+def _momentum_update(
+    buffers: list[torch.Tensor | None],
+    grads: list[torch.Tensor],
+    *,
+    momentum: float,
+    dampening: float,
+) -> list[torch.Tensor]:
+    """``b = momentum·b + (1 − dampening)·g`` over a bucket; ``b = g`` for a fresh buffer."""
+    old = [j for j, b in enumerate(buffers) if b is not None]
+    if old:
+        old_bufs = [cast(torch.Tensor, buffers[j]) for j in old]
+        torch._foreach_mul_(old_bufs, momentum)
+        torch._foreach_add_(old_bufs, [grads[j] for j in old], alpha=1 - dampening)
+    return [
+        b if b is not None else torch.clone(g).detach()
+        for b, g in zip(buffers, grads, strict=True)
+    ]

@@ -1,0 +1,116 @@
+"""Proximal maps of the sparsity penalties and the group geometry they share.
+
+A *structure* says how a weight tensor is cut into groups:
+
+- ``"element"``: every entry is its own group (lasso).
+- ``"filter"``: group ``i`` is the slice ``t[i, ...]`` (a conv output filter, a linear output
+  neuron); the group lasso over dim 0.
+- ``"channel"``: group ``j`` is the slice ``t[:, j, ...]`` (a conv input channel, a linear input
+  feature); the group lasso over dim 1.
+- ``None``: the tensor is not coupled to a structure parameter at all.
+
+The same helpers serve the optimizer (to compute Γ) and the path read-outs (to report which groups
+are selected), so both always agree on what a group is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "GROUP_SCALINGS",
+    "STRUCTURES",
+    "check_structure",
+    "group_axis",
+    "group_norms",
+    "group_size",
+    "group_threshold",
+    "prox",
+]
+
+STRUCTURES: tuple[str | None, ...] = (None, "element", "filter", "channel")
+GROUP_SCALINGS: tuple[str, ...] = ("none", "sqrt_size")
+
+
+def check_structure(structure: str | None, shape: torch.Size | tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``structure`` is known and fits a tensor of ``shape``."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"Invalid structure: {structure!r} (expected one of {STRUCTURES})")
+    if structure in ("filter", "channel") and len(shape) < 2:
+        raise ValueError(
+            f"Invalid structure: {structure!r} needs a tensor with at least 2 dimensions, "
+            f"got shape {tuple(shape)}; use 'element' or None for 1-D tensors"
+        )
+
+
+def group_axis(structure: str) -> int:
+    """The dimension that indexes the groups of a group structure."""
+    if structure == "filter":
+        return 0
+    if structure == "channel":
+        return 1
+    raise ValueError(f"{structure!r} is not a group structure")
+
+
+def _reduce_dims(structure: str, ndim: int) -> tuple[int, ...]:
+    axis = group_axis(structure)
+    return tuple(d for d in range(ndim) if d != axis)
+
+
+def group_size(structure: str | None, shape: torch.Size | tuple[int, ...]) -> int:
+    """Number of entries in one group (1 for ``"element"``)."""
+    if structure in (None, "element"):
+        return 1
+    return math.prod(shape) // shape[group_axis(structure)]
+
+
+def group_threshold(
+    lam: float, structure: str | None, shape: torch.Size | tuple[int, ...], group_scaling: str
+) -> float:
+    """λ_g: ``lam`` itself, or ``lam * sqrt(group size)`` under ``group_scaling="sqrt_size"``."""
+    if group_scaling == "sqrt_size":
+        return lam * math.sqrt(group_size(structure, shape))
+    return lam
+
+
+def group_norms(t: torch.Tensor, structure: str) -> torch.Tensor:
+    """Euclidean norm of every group of ``t`` as a 1-D tensor (``|t|`` flattened for elements)."""
+    if structure == "element":
+        return t.detach().abs().flatten()
+    return torch.linalg.vector_norm(t.detach(), dim=_reduce_dims(structure, t.dim()))
+
+
+def prox(
+    v: torch.Tensor,
+    structure: str,
+    lam_g: float,
+    kappa: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kappa * prox_{lam_g Ω}(v)``, written into ``out`` when given.
+
+    - element: ``sign(v) * max(|v| - lam_g, 0)`` (soft thresholding);
+    - groups:  ``max(0, 1 - lam_g / ||v_g||) * v_g``, exactly zero when ``||v_g|| <= lam_g``
+      (also for all-zero groups: no division by zero).
+    """
+    if out is None:
+        out = torch.empty_like(v)
+    if structure == "element":
+        # softshrink is soft thresholding in one fused pass: v - lam for v > lam, v + lam for
+        # v < -lam, 0 otherwise; bitwise the same numbers as sign(v) * max(|v| - lam, 0).
+        torch._C._nn.softshrink(v, lam_g, out=out)  # type: ignore[call-arg]
+        if kappa != 1.0:
+            out.mul_(kappa)
+        return out
+    if lam_g == 0.0:
+        return torch.mul(v, kappa, out=out)
+    norms = torch.linalg.vector_norm(v, dim=_reduce_dims(structure, v.dim()), keepdim=True)
+    # Clamping the norm at lam_g from below makes the factor exactly 0 for every group at or
+    # under the threshold, zero-norm groups included, without a division by zero.
+    # (lam_g / lam_g is exactly 1 in IEEE arithmetic.)
+    factor = (lam_g / norms.clamp_min_(lam_g)).neg_().add_(1.0)
+    if kappa != 1.0:
+        factor.mul_(kappa)
+    return torch.mul(v, factor, out=out)

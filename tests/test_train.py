@@ -1,0 +1,187 @@
+"""The training pipeline: run files, exact resume after SIGKILL, bad checkpoints, NaN losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dessilbi.config import load_config
+from dessilbi.models import build_model
+from dessilbi.train import CheckpointError, TrainingError, train
+
+# Two quick epochs of the digits experiment (22 steps each, well under a second on 2 cores);
+# nu = 5 makes Γ select a few filters of each layer within them.
+QUICK = {"epochs": 2, "nu": 5}
+
+
+def _cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dessilbi", *args],
+        capture_output=True, text=True, timeout=300, check=False, **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_run_directory_holds_config_metrics_path_and_weights(tmp_path: Path) -> None:
+    """Every file a run promises is written, readable, and consistent with the others."""
+    config = load_config("digits", {**QUICK, "out": str(tmp_path)})
+    result = train(config, quiet=True)
+    run = result.run_dir
+    assert run == tmp_path / "digits-small_cnn-dessilbi-nu5-seed0"
+    assert load_config(run / "config.yaml") == config
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert lines[-1]["step"] == 2 * (1442 // 64)
+    assert lines[-1]["test_acc"] == result.test_acc > 50.0
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert set(lines[-1]["selected"]) == {"conv1.weight", "conv2.weight", "conv3.weight"}
+
+    # The initial weights are those of a fresh model built with the same seed.
+    torch.manual_seed(config.seed)
+    fresh = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8)
+    init = torch.load(run / "init.pt", weights_only=True)
+    assert all(torch.equal(init[k], v) for k, v in fresh.state_dict().items())
+    final = torch.load(run / "model.pt", weights_only=True)
+    assert not torch.equal(final["conv1.weight"], init["conv1.weight"])
+
+    path = torch.load(run / "path.pt", weights_only=True)
+    assert path["epochs"].tolist() == [1, 2]
+    assert path["group_norms"]["conv3.weight"].shape == (2, 64)
+    assert path["support"]["conv3.weight"].shape == (2, 64)
+    assert result.optimizer is not None
+    gamma = result.optimizer.state[dict(result.model.named_parameters())["conv3.weight"]]["gamma"]  # type: ignore[union-attr]
+    live = gamma.flatten(1).norm(dim=1) > 0
+    assert torch.equal(path["support"]["conv3.weight"][-1], live)
+    for name in path["names"]:
+        entry = path["entry_epoch"][name]
+        # A group in the support at the end of epoch e entered at epoch e or before.
+        for e, support in zip(path["epochs"].tolist(), path["support"][name], strict=True):
+            assert bool(((entry >= 1) & (entry <= e))[support].all())
+        # Entry steps and entry epochs agree: entry step within that epoch's step range.
+        steps = path["entry_step"][name]
+        entered = steps >= 0
+        assert torch.equal(entered, entry >= 1)
+        assert bool(((steps[entered] - 1) // 22 + 1 == entry[entered]).all())
+    selected = lines[-1]["selected"]["conv3.weight"]
+    assert selected == [int(live.sum()), 64]
+    assert 0 < selected[0] < 64, "the test needs a path that selects some but not all filters"
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
+    """A run killed in the middle of epoch 2 and resumed ends bitwise equal to an uninterrupted run."""
+    args = ["train", "--config", "digits", "--epochs", "3", "--nu", "5", "--quiet"]
+    whole = _cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dessilbi", *args, "--out", str(out), "--log-every", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("epoch 2 step 7/"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-epoch"
+    run = out / "digits-small_cnn-dessilbi-nu5-seed0"
+    assert not (run / "model.pt").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+    resumed = _cli("train", "--resume", str(run), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    reference = whole.stdout.splitlines()
+    assert "run directory" in resumed.stdout
+
+    a = torch.load(tmp_path / "whole" / run.name / "model.pt", weights_only=True)
+    b = torch.load(run / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(tmp_path / "whole" / run.name / "checkpoint.pt", weights_only=True)
+    cb = torch.load(run / "checkpoint.pt", weights_only=True)
+    for pid, state in ca["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, cb["optimizer"]["state"][pid][key]), key
+    metrics_a = [json.loads(x) for x in (tmp_path / "whole" / run.name / "metrics.jsonl")
+                 .read_text().splitlines()]
+    metrics_b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in m.items() if k != "epoch_time"} for m in metrics_a]
+    assert strip == [{k: v for k, v in m.items() if k != "epoch_time"} for m in metrics_b]
+    assert reference  # the uninterrupted run printed its summary too
+
+
+def test_rerun_of_a_finished_run_reports_it_and_other_config_is_refused(tmp_path: Path) -> None:
+    """Same config again: the finished run is reported, not overwritten. Other config: error."""
+    config = load_config("digits", {**QUICK, "out": str(tmp_path)})
+    first = train(config, quiet=True)
+    before = (first.run_dir / "model.pt").read_bytes()
+    again = train(config, quiet=True)
+    assert again.test_acc == first.test_acc
+    assert (first.run_dir / "model.pt").read_bytes() == before
+
+    other = load_config("digits", {**QUICK, "out": str(tmp_path), "lr": 0.05,
+                                   "run_name": first.run_dir.name})
+    with pytest.raises(TrainingError, match="lr: 0.1 -> 0.05"):
+        train(other, quiet=True)
+    assert (first.run_dir / "model.pt").read_bytes() == before
+
+
+def test_damaged_and_foreign_checkpoints_give_clear_errors(tmp_path: Path) -> None:
+    config = load_config("digits", {**QUICK, "epochs": 1, "out": str(tmp_path)})
+    run = train(config, quiet=True).run_dir
+    good = (run / "checkpoint.pt").read_bytes()
+
+    longer = load_config(run / "config.yaml", {"epochs": 2})
+    (run / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="damaged"):
+        train(longer, resume_dir=run, quiet=True)
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="checkpoint.pt"):
+        train(longer, resume_dir=run, quiet=True)
+
+    (run / "checkpoint.pt").write_bytes(good)
+    foreign = load_config(run / "config.yaml", {"epochs": 2, "model": "mlp"})
+    with pytest.raises(CheckpointError, match="'small_cnn'.*'mlp'"):
+        train(foreign, resume_dir=run, quiet=True)
+    # Nothing already written was lost.
+    assert (run / "checkpoint.pt").read_bytes() == good
+
+    result = _cli("train", "--resume", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert "config.yaml: missing" in result.stderr
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    config = load_config(
+        "digits", {"epochs": 1, "out": str(tmp_path), "optimizer": "sgd", "lr": 1e12}
+    )
+    with pytest.raises(TrainingError, match="the loss became (nan|inf).*no checkpoint yet"):
+        train(config, quiet=True)
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("step", [0.1, 0.1, 0.01, 0.01, 0.001]),
+    ("multistep", [0.1, 0.01, 0.01, 0.001, 0.001]),
+    ("cosine", None),
+])
+def test_lr_schedules(tmp_path: Path, schedule: str, expected: list[float] | None) -> None:
+    """The lr used in each epoch (as logged) follows the schedule."""
+    config = load_config("digits", {
+        "epochs": 5, "out": str(tmp_path), "optimizer": "sgd", "schedule": schedule,
+        "lr_step": 2, "milestones": [1, 3],
+    })
+    run = train(config, quiet=True).run_dir
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    if expected is None:
+        import math
+
+        expected = [0.1 * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
+    assert lrs == pytest.approx(expected)
