@@ -334,3 +334,15 @@ def test_conv_init_is_kaiming_normal_and_bn_is_identity() -> None:
         if isinstance(m, nn.BatchNorm2d):
             assert torch.equal(m.weight, torch.ones_like(m.weight))
             assert torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_lenet5_keeps_pytorch_default_init_as_the_paper_script() -> None:
+    """LeNet-5 conv weights are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default), not Kaiming
+    normal: DessiLBI's filter entry times depend on the initial weight norms."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", in_channels=1, image_size=28)
+    weight = model.conv3.weight
+    bound = 1 / math.sqrt(16 * 5 * 5)
+    assert weight.abs().max().item() <= bound
+    # A uniform on [-b, b] has std b / sqrt(3); Kaiming normal would have sqrt(2 / 400) ≈ 2.4x it.
+    assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)

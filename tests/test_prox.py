@@ -7,10 +7,10 @@ a group at or under its threshold must come out as exact 0.0 (never a tiny numbe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
-from naive_dessilbi import naive_prox
 
 from dessilbi.optim.prox import (
     check_structure,
@@ -20,8 +20,20 @@ from dessilbi.optim.prox import (
     group_threshold,
     prox,
 )
+from naive_dessilbi import naive_prox
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These tensors are tiny: one intra-op thread is faster and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def literal_group_prox(v: torch.Tensor, axis: int, lam: float, kappa: float) -> torch.Tensor:

@@ -41,7 +41,8 @@ def structured_param_groups(
     """Param groups for :class:`dessilbi.DessiLBI`, with the structure decided per layer type.
 
     Args:
-        model: any ``nn.Module`` (a DDP-wrapped one works too).
+        model: any ``nn.Module``; a DDP / DataParallel wrapper is looked through, so names and
+            patterns never carry its ``module.`` prefix.
         conv: structure of ``Conv1d/2d/3d`` weights (``"filter"``, ``"channel"``, ``"element"``
             or None to leave them uncoupled).
         linear: structure of ``Linear`` weights.
@@ -68,6 +69,9 @@ def structured_param_groups(
         "other": [],
         "no_decay": [],
     }
+    # Patterns and names refer to the user's model, not to a DDP / DataParallel wrapper.
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -75,10 +79,10 @@ def structured_param_groups(
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            excluded = any(
-                fnmatchcase(module_name, pattern) or fnmatchcase(full_name, pattern)
-                for pattern in exclude
-            )
+            # Any other wrapper that keeps the model under ``.module`` is matched without it too.
+            names = {module_name, full_name}
+            names |= {n.removeprefix("module.") for n in names}
+            excluded = any(fnmatchcase(n, pattern) for n in names for pattern in exclude)
             is_weight = param_name == "weight" and not excluded
             if is_weight and isinstance(module, _CONV_TYPES) and conv is not None:
                 buckets["conv"].append((full_name, param))

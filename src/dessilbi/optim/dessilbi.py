@@ -9,7 +9,13 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
-from dessilbi.optim.prox import GROUP_SCALINGS, check_structure, group_threshold, prox
+from dessilbi.optim.prox import (
+    GROUP_SCALINGS,
+    STRUCTURES,
+    check_structure,
+    group_threshold,
+    prox,
+)
 
 __all__ = ["DessiLBI", "NonFiniteGradientError", "dessilbi"]
 
@@ -161,8 +167,10 @@ class DessiLBI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        gathered = [self._gather(group) for group in self.param_groups]
-        culprits = _nonfinite_gradients([g for _, grads, *_ in gathered for g in grads])
+        # Checked before any state is created or changed, so a refused step leaves no trace.
+        culprits = _nonfinite_gradients(
+            [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        )
         if culprits:
             where = _describe(self.param_groups, culprits)
             if self.nonfinite == "raise":
@@ -178,9 +186,8 @@ class DessiLBI(Optimizer):
             )
             return loss
 
-        for group, (params, grads, buffers, vs, gammas) in zip(
-            self.param_groups, gathered, strict=True
-        ):
+        for group in self.param_groups:
+            params, grads, buffers, vs, gammas = self._gather(group)
             dessilbi(
                 params,
                 grads,
@@ -227,6 +234,8 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise bad("weight_decay", "must be >= 0")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise bad("nesterov", "Nesterov momentum needs momentum > 0 and dampening = 0")
+    if group["structure"] not in STRUCTURES:
+        raise bad("structure", f"expected one of {STRUCTURES}")
     if group["group_scaling"] not in GROUP_SCALINGS:
         raise bad("group_scaling", f"expected one of {GROUP_SCALINGS}")
     for p in group["params"]:

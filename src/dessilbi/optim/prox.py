@@ -107,10 +107,12 @@ def prox(
     if lam_g == 0.0:
         return torch.mul(v, kappa, out=out)
     norms = torch.linalg.vector_norm(v, dim=_reduce_dims(structure, v.dim()), keepdim=True)
-    # Clamping the norm at lam_g from below makes the factor exactly 0 for every group at or
-    # under the threshold, zero-norm groups included, without a division by zero.
-    # (lam_g / lam_g is exactly 1 in IEEE arithmetic.)
-    factor = (lam_g / norms.clamp_min_(lam_g)).neg_().add_(1.0)
+    # factor = 1 - lam_g/||v_g|| written as (n - lam_g)/n with n = max(||v_g||, lam_g): exactly 0
+    # for every group at or under the threshold (zero-norm groups included), and no division by
+    # zero. (1 - lam_g/n is not exact: torch computes scalar/tensor as scalar * (1/n), and
+    # lam_g * (1/lam_g) is often not 1 in floating point.)
+    n = norms.clamp_min_(lam_g)
+    factor = (n - lam_g).div_(n)
     if kappa != 1.0:
         factor.mul_(kappa)
     return torch.mul(v, factor, out=out)
