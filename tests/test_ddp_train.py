@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,17 +19,16 @@ SETTINGS = {"epochs": 2, "nu": 5, "batch_size": 64}
 # Each rank saves its own Γ after training, so the test can compare ranks (only rank 0 writes
 # the run directory).
 RANK_SCRIPT = textwrap.dedent("""
-    import os, sys, torch
+    import json, os, sys, torch
     from dessilbi.config import load_config
     from dessilbi.train import train
-    out = sys.argv[1]
-    config = load_config("digits", {**%r, "out": out})
-    result = train(config, quiet=True)
+    out, settings = sys.argv[1], json.loads(sys.argv[2])
+    result = train(load_config("digits", {**settings, "out": out}), quiet=True)
     params = dict(result.model.named_parameters())
     gammas = {n: result.optimizer.state[p]["gamma"] for n, p in params.items()
               if "gamma" in result.optimizer.state.get(p, {})}
-    torch.save(gammas, os.path.join(out, "gamma_rank%%s.pt" %% os.environ["RANK"]))
-""" % (SETTINGS,))
+    torch.save(gammas, os.path.join(out, f"gamma_rank{os.environ['RANK']}.pt"))
+""")
 
 
 def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path: Path) -> None:
@@ -38,9 +38,9 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path:
     out.mkdir()
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(out)],
+         str(script), str(out), json.dumps(SETTINGS)],
         capture_output=True, text=True, timeout=600, check=False,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
     g0 = torch.load(out / "gamma_rank0.pt", weights_only=True)

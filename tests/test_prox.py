@@ -7,7 +7,6 @@ a group at or under its threshold must come out as exact 0.0 (never a tiny numbe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,15 +24,7 @@ from naive_dessilbi import naive_prox
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: one intra-op thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def literal_group_prox(v: torch.Tensor, axis: int, lam: float, kappa: float) -> torch.Tensor:

@@ -12,7 +12,6 @@ shrunk the way a lasso estimate is.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,15 +203,7 @@ def test_entry_order_follows_coefficient_size() -> None:
     assert steps == sorted(steps) and len(set(steps)) == 5  # strictly increasing
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: one intra-op thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_small_cnn_loss_decreases_with_sparse_filters() -> None:

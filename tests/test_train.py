@@ -75,7 +75,7 @@ def test_run_directory_holds_config_metrics_path_and_weights(tmp_path: Path) -> 
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
-    """A run killed in the middle of epoch 2 and resumed ends bitwise equal to an uninterrupted run."""
+    """A run killed in the middle of epoch 2 and resumed ends bitwise equal to a whole run."""
     args = ["train", "--config", "digits", "--epochs", "3", "--nu", "5", "--quiet"]
     whole = _cli(*args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr

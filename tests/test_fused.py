@@ -1,0 +1,279 @@
+"""Tests for the compiled, fused DessiLBI step (``dessilbi.optim.fused``).
+
+The fused step must give the numbers of the eager paths (per-tensor and foreach) over a run of
+steps, with a learning rate that changes mid-run without recompiling, and fall back to the
+foreach path with a single warning when compiling fails. Compilation is the slow part (a few
+seconds per graph), so there are few configurations and the tensors are those of a small
+2-conv + linear network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from dessilbi.optim.fused import (
+    clear_fused_cache,
+    fused_cache_size,
+    fused_compile_failed,
+    fused_dessilbi,
+)
+from dessilbi.optim.prox import group_norms
+
+_impl = importlib.import_module("dessilbi.optim.dessilbi")
+
+# conv1 (3 -> 8, 3x3), conv2 (8 -> 16, 3x3) and a linear layer 64 -> 10.
+CONV_SHAPES: list[tuple[int, ...]] = [(8, 3, 3, 3), (16, 8, 3, 3)]
+LINEAR_SHAPES: list[tuple[int, ...]] = [(10, 64)]
+STEPS = 30
+HALVE_AT = 15  # the learning rate is halved here, as a step scheduler would
+LR = 0.1
+
+BASE: dict[str, Any] = {
+    "kappa": 1.0,
+    "nu": 1.0,
+    "lam": 1.0,
+    "momentum": 0.0,
+    "dampening": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "group_scaling": "none",
+}
+
+Group = tuple[list[tuple[int, ...]], dict[str, Any]]
+
+# Each configuration is a list of param groups: (tensor shapes, hyperparameters).
+CONFIGS: dict[str, list[Group]] = {
+    # The usual setting: conv filters and linear lasso in two groups, Nesterov, weight decay.
+    "filter+element-nesterov-wd": [
+        (
+            CONV_SHAPES,
+            {
+                **BASE,
+                "structure": "filter",
+                "momentum": 0.9,
+                "nesterov": True,
+                "weight_decay": 1e-4,
+            },
+        ),
+        (
+            LINEAR_SHAPES,
+            {
+                **BASE,
+                "structure": "element",
+                "momentum": 0.9,
+                "nesterov": True,
+                "weight_decay": 1e-4,
+            },
+        ),
+    ],
+    "element-nomomentum-kappa2": [
+        (CONV_SHAPES + LINEAR_SHAPES, {**BASE, "structure": "element", "kappa": 2.0}),
+    ],
+    "channel-sqrt_size-dampening": [
+        (
+            CONV_SHAPES + LINEAR_SHAPES,
+            {
+                **BASE,
+                "structure": "channel",
+                "group_scaling": "sqrt_size",
+                "lam": 0.5,
+                "momentum": 0.9,
+                "dampening": 0.1,
+            },
+        ),
+    ],
+}
+
+
+def _axis(hyper: dict[str, Any]) -> int:
+    """The group axis of a structure (0 for filters and single elements, 1 for channels)."""
+    return 1 if hyper["structure"] == "channel" else 0
+
+
+class Run:
+    """One param group's tensors and state, stepped by one implementation."""
+
+    def __init__(
+        self, shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int, axis: int = 0
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.params = []
+        for shape in shapes:
+            w = torch.randn(shape, generator=gen, dtype=dtype).movedim(axis, 0)
+            # Groups of very different sizes along ``axis`` (the group axis), so that some enter
+            # the support and others don't; group 0 stays exactly zero throughout (its
+            # gradients are zero too).
+            n = w.shape[0]
+            w = w * torch.logspace(-3, 0, n, dtype=dtype).reshape(n, *[1] * (w.dim() - 1))
+            w[0] = 0
+            self.params.append(nn.Parameter(w.movedim(0, axis).contiguous()))
+        self.vs = [torch.zeros_like(p) for p in self.params]
+        self.gammas = [torch.zeros_like(p) for p in self.params]
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def step(self, impl: Callable[..., None], grads: list[torch.Tensor], **hyper: Any) -> None:
+        with torch.no_grad():
+            impl(self.params, grads, self.buffers, self.vs, self.gammas, **hyper)
+
+    def tensors(self) -> list[torch.Tensor]:
+        bufs = [b for b in self.buffers if b is not None]
+        return [*(p.detach() for p in self.params), *self.vs, *self.gammas, *bufs]
+
+
+def _gradients(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int, axis: int = 0
+) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(STEPS):
+        grads = [0.1 * torch.randn(shape, generator=gen, dtype=dtype) for shape in shapes]
+        for g in grads:
+            g.select(axis, 0).zero_()
+        steps.append(grads)
+    return steps
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> Iterator[None]:
+    clear_fused_cache()
+    yield
+    clear_fused_cache()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_matches_eager_paths_without_recompiling(name: str) -> None:
+    groups = CONFIGS[name]
+    dtype = torch.float64
+    runs = {
+        key: [Run(shapes, dtype, gi, _axis(hyper)) for gi, (shapes, hyper) in enumerate(groups)]
+        for key in ("fused", "single", "foreach")
+    }
+    impls = {
+        "fused": fused_dessilbi,
+        "single": _impl._single_tensor_dessilbi,
+        "foreach": _impl._multi_tensor_dessilbi,
+    }
+    grads = [
+        _gradients(shapes, dtype, 100 + gi, _axis(hyper))
+        for gi, (shapes, hyper) in enumerate(groups)
+    ]
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled: tuple[int, int] | None = None
+    # A recompile limit of 1 proves that every signature (param group) owns its Dynamo cache
+    # and that a new lr is no new variant: a recompilation would fail and fall back, loudly.
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        for k in range(STEPS):
+            lr = LR if k < HALVE_AT else LR / 2
+            for gi, (_, hyper) in enumerate(groups):
+                for key, impl in impls.items():
+                    runs[key][gi].step(impl, grads[gi][k], lr=lr, **hyper)
+            if k == 1:  # every group has compiled by now (momentum groups on their 2nd step)
+                compiled = (counters["stats"]["unique_graphs"], fused_cache_size())
+
+    assert not [w for w in caught if "fused DessiLBI" in str(w.message)]
+    assert not fused_compile_failed("cpu")
+    assert compiled is not None
+    assert compiled[0] > graphs_before, "nothing was compiled"
+    assert compiled[1] == len(groups)  # one compiled step per param group
+    # Halving lr at HALVE_AT neither compiled a new graph nor a new step function.
+    assert (counters["stats"]["unique_graphs"], fused_cache_size()) == compiled
+
+    for gi, (_, hyper) in enumerate(groups):
+        fused = runs["fused"][gi].tensors()
+        for ref in ("single", "foreach"):
+            expected = runs[ref][gi].tensors()
+            assert len(fused) == len(expected)
+            for got, want in zip(fused, expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        # Γ: finite, groups exactly zero or (group structures) without forced zeros, and the
+        # run is long enough that the support is neither empty nor full.
+        structure = hyper["structure"]
+        for gamma in runs["fused"][gi].gammas:
+            assert torch.isfinite(gamma).all()
+            norms = group_norms(gamma, structure)
+            assert norms[0] == 0  # the all-zero group (zero norm: no NaN)
+            if structure != "element":
+                selected = gamma.movedim(_axis(hyper), 0).flatten(1)[norms > 0]
+                assert (selected != 0).all()
+        all_norms = torch.cat([group_norms(g, structure) for g in runs["fused"][gi].gammas])
+        assert 0 < int((all_norms > 0).sum()) < all_norms.numel()
+
+
+def test_fused_float32_matches_foreach() -> None:
+    shapes = CONV_SHAPES + LINEAR_SHAPES
+    hyper = {**BASE, "structure": "filter", "momentum": 0.9}
+    fused, foreach = Run(shapes, torch.float32, seed=0), Run(shapes, torch.float32, seed=0)
+    # Also under "-W error": warnings from inside torch's compiler must not fail the compile.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k, grads in enumerate(_gradients(shapes, torch.float32, seed=1)[:10]):
+            lr = LR if k < 5 else LR / 2
+            fused.step(fused_dessilbi, grads, lr=lr, **hyper)
+            foreach.step(_impl._multi_tensor_dessilbi, grads, lr=lr, **hyper)
+    assert not fused_compile_failed("cpu")
+    assert fused_cache_size() == 1
+    for got, want in zip(fused.tensors(), foreach.tensors(), strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_uncoupled_group_matches_foreach_without_compiling() -> None:
+    shapes = [(8,), (16,), (10, 4)]
+    hyper = {**BASE, "structure": None, "momentum": 0.9, "weight_decay": 1e-3}
+    fused, foreach = Run(shapes, torch.float64, seed=0), Run(shapes, torch.float64, seed=0)
+    for grads in _gradients(shapes, torch.float64, seed=1)[:3]:
+        fused.step(fused_dessilbi, grads, lr=LR, **hyper)
+        foreach.step(_impl._multi_tensor_dessilbi, grads, lr=LR, **hyper)
+    assert fused_cache_size() == 0
+    for got, want in zip(fused.tensors(), foreach.tensors(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compile_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def broken_compile(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+        def run(*args: Any) -> None:
+            calls.append(fn)
+            raise RuntimeError("no C++ compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    groups = CONFIGS["filter+element-nesterov-wd"]
+    dtype = torch.float64
+    fused = [Run(shapes, dtype, seed=gi) for gi, (shapes, _) in enumerate(groups)]
+    single = [Run(shapes, dtype, seed=gi) for gi, (shapes, _) in enumerate(groups)]
+    grads = [_gradients(shapes, dtype, seed=100 + gi) for gi, (shapes, _) in enumerate(groups)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(6):
+            for gi, (_, hyper) in enumerate(groups):
+                fused[gi].step(fused_dessilbi, grads[gi][k], lr=LR, **hyper)
+                single[gi].step(_impl._single_tensor_dessilbi, grads[gi][k], lr=LR, **hyper)
+
+    messages = [str(w.message) for w in caught if "fused DessiLBI" in str(w.message)]
+    assert len(messages) == 1
+    assert "no C++ compiler here" in messages[0]
+    assert issubclass(
+        next(w.category for w in caught if "fused DessiLBI" in str(w.message)), RuntimeWarning
+    )
+    assert len(calls) == 1  # the failure is remembered, not retried every step
+    assert fused_compile_failed("cpu")
+    assert fused_cache_size() == 0
+    for gi in range(len(groups)):
+        for got, want in zip(fused[gi].tensors(), single[gi].tensors(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
