@@ -185,3 +185,30 @@ def test_lr_schedules(tmp_path: Path, schedule: str, expected: list[float] | Non
 
         expected = [0.1 * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
     assert lrs == pytest.approx(expected)
+
+
+def test_on_disk_image_folder_trains_through_worker_loading(tmp_path: Path) -> None:
+    """The ImageNet path: a folder read lazily by DataLoader workers, classes from sub-folders."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for label, name in enumerate(("cat", "dog")):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
+                pixels[..., label] = 255  # a colour cue, so there is something to learn
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    config = load_config("imagenet_resnet18", {
+        "data_dir": str(tmp_path / "images"), "model": "small_cnn", "epochs": 2,
+        "batch_size": 4, "eval_batch_size": 4, "workers": 1, "out": str(tmp_path / "runs"),
+        "nu": 5,
+    })
+    result = train(config, quiet=True)
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [4, 8]  # 16 images / batch 4, per epoch
+    assert result.model is not None
+    assert result.model.fc.out_features == 2  # type: ignore[union-attr]
+    # Accuracy over 8 validation images is a multiple of 12.5 %.
+    assert all(m["test_acc"] % 12.5 == 0 for m in lines)
