@@ -8,6 +8,8 @@ machine noise hits all of them alike:
   - torch.optim.SGD(momentum=0.9, foreach=True)
   - DessiLBI (momentum 0.9, conv filter groups, linear lasso) on the foreach path
   - DessiLBI on the per-tensor path
+  - DessiLBI with fused=True (torch.compile; its one-time compile happens in the warm-up and is
+    reported separately)
 It prints the median times, the ratios to SGD, and the optimizer-state bytes per byte of coupled
 parameters.
 """
@@ -42,7 +44,7 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def bench(name: str, steps: int, warmup: int) -> dict[str, float]:
     torch.manual_seed(0)
-    models = {key: build_model(name) for key in ("sgd", "foreach", "per_tensor")}
+    models = {key: build_model(name) for key in ("sgd", "foreach", "per_tensor", "fused")}
     for model in models.values():
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2
@@ -54,7 +56,13 @@ def bench(name: str, steps: int, warmup: int) -> dict[str, float]:
         "per_tensor": DessiLBI(
             structured_param_groups(models["per_tensor"]), lr=0.01, momentum=0.9, foreach=False
         ),
+        "fused": DessiLBI(
+            structured_param_groups(models["fused"]), lr=0.01, momentum=0.9, fused=True
+        ),
     }
+    for opt in optimizers.values():
+        opt.step()  # first step: state is created (the fused path compiles on the second)
+    compile_s = _timed(optimizers["fused"].step)
     for _ in range(warmup):
         for opt in optimizers.values():
             opt.step()
@@ -76,6 +84,9 @@ def bench(name: str, steps: int, warmup: int) -> dict[str, float]:
         "per_tensor_ms": median["per_tensor"] * 1e3,
         "foreach_ratio": median["foreach"] / median["sgd"],
         "per_tensor_ratio": median["per_tensor"] / median["sgd"],
+        "fused_ms": median["fused"] * 1e3,
+        "fused_ratio": median["fused"] / median["sgd"],
+        "compile_s": compile_s,
         "state_bytes_per_coupled_byte": _state_bytes(optimizers["foreach"]) / coupled_bytes,
         "sgd_state_bytes_per_param_byte": _state_bytes(optimizers["sgd"]) / (n_params * 4),
     }
@@ -87,19 +98,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet56"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps")
     header = (
-        "| params | M | SGD ms | DessiLBI foreach ms | per-tensor ms | foreach/SGD "
-        "| per-tensor/SGD | state bytes per coupled byte |"
+        "| params | M | SGD ms | foreach ms | per-tensor ms | fused ms | foreach/SGD "
+        "| per-tensor/SGD | fused/SGD | fused compile s | state bytes per coupled byte |"
     )
     print(header)
-    print("|---" * 8 + "|")
+    print("|---" * 11 + "|")
     for name in args.models:
         r = bench(name, args.steps, args.warmup)
         print(
             f"| {name} | {r['params_millions']:.2f} | {r['sgd_ms']:.2f} | {r['foreach_ms']:.2f} "
-            f"| {r['per_tensor_ms']:.2f} | {r['foreach_ratio']:.2f} | {r['per_tensor_ratio']:.2f} "
+            f"| {r['per_tensor_ms']:.2f} | {r['fused_ms']:.2f} | {r['foreach_ratio']:.2f} "
+            f"| {r['per_tensor_ratio']:.2f} | {r['fused_ratio']:.2f} | {r['compile_s']:.1f} "
             f"| {r['state_bytes_per_coupled_byte']:.2f} |"
         )
 

@@ -25,9 +25,12 @@ from dessilbi.optim.fused import (
     fused_compile_failed,
     fused_dessilbi,
 )
-from dessilbi.optim.prox import group_norms
+from dessilbi.optim.proximal import group_norms
 
-_impl = importlib.import_module("dessilbi.optim.dessilbi")
+_impl = importlib.import_module("dessilbi.optim.optimizer")
+
+# Tiny tensors: one intra-op thread (conftest's fixture) is faster and immune to a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # conv1 (3 -> 8, 3x3), conv2 (8 -> 16, 3x3) and a linear layer 64 -> 10.
 CONV_SHAPES: list[tuple[int, ...]] = [(8, 3, 3, 3), (16, 8, 3, 3)]
@@ -277,3 +280,32 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPat
     for gi in range(len(groups)):
         for got, want in zip(fused[gi].tensors(), single[gi].tensors(), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_optimizer_option_fused_selects_the_compiled_path() -> None:
+    """``DessiLBI(..., fused=True)`` runs the compiled step and tracks the per-tensor path."""
+    from dessilbi import DessiLBI, structured_param_groups
+
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Conv2d(2, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 16, 3))
+            for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        net.double()
+    fused = DessiLBI(structured_param_groups(nets[0]), lr=0.1, nu=2, momentum=0.9, fused=True)
+    plain = DessiLBI(structured_param_groups(nets[1]), lr=0.1, nu=2, momentum=0.9, foreach=False)
+    x = torch.randn(8, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    before = fused_cache_size()
+    for _ in range(12):
+        for net, opt in ((nets[0], fused), (nets[1], plain)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    assert fused_cache_size() > before, "the compiled path was not used"
+    for (name, p), q in zip(nets[0].named_parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+        if "gamma" in fused.state[p]:
+            torch.testing.assert_close(fused.state[p]["gamma"], plain.state[q]["gamma"],
+                                       rtol=1e-10, atol=1e-12)
+            assert torch.equal(fused.state[p]["gamma"] != 0, plain.state[q]["gamma"] != 0)

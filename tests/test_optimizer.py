@@ -23,7 +23,7 @@ from torch import nn
 
 import dessilbi
 from dessilbi import DessiLBI, NonFiniteGradientError
-from dessilbi.optim.prox import group_norms
+from dessilbi.optim.proximal import group_norms
 from naive_dessilbi import NaiveDessiLBI
 
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""The proximal maps of ``dessilbi.optim.prox`` against closed forms (DESIGN.md section 1).
+"""The proximal maps of ``dessilbi.optim.proximal`` against closed forms (DESIGN.md section 1).
 
 Γ = κ·prox(V) decides which groups are selected, so exact zeros matter as much as the values:
 a group at or under its threshold must come out as exact 0.0 (never a tiny number, never NaN).
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dessilbi.optim.prox import (
+from dessilbi.optim.proximal import (
     check_structure,
     group_axis,
     group_norms,

@@ -22,7 +22,7 @@ from sklearn.linear_model import lars_path
 
 from dessilbi import DessiLBI, selected_groups, structured_param_groups
 from dessilbi.models import build_model
-from dessilbi.optim.prox import group_norms
+from dessilbi.optim.proximal import group_norms
 
 F64 = torch.float64
 

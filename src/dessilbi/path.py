@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dessilbi.optim.prox import group_norms
+from dessilbi.optim.proximal import group_norms
 
 __all__ = [
     "CoupledTensor",

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from dessilbi.optim.prox import check_structure
+from dessilbi.optim.proximal import check_structure
 
 __all__ = ["NORM_TYPES", "structured_param_groups"]
 

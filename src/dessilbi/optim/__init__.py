@@ -1,7 +1,7 @@
 """The DessiLBI optimizer and the proximal maps of its sparsity penalties."""
 
-from dessilbi.optim.dessilbi import DessiLBI, NonFiniteGradientError, dessilbi
-from dessilbi.optim.prox import GROUP_SCALINGS, STRUCTURES, group_norms, prox
+from dessilbi.optim.optimizer import DessiLBI, NonFiniteGradientError, dessilbi
+from dessilbi.optim.proximal import GROUP_SCALINGS, STRUCTURES, group_norms, prox
 
 __all__ = [
     "GROUP_SCALINGS",
