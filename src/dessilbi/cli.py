@@ -102,7 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             config = load_config(args.config or "digits", overrides)
         result = train(config, resume_dir=args.resume, quiet=args.quiet, log_every=args.log_every)
-    except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError,
+            FloatingPointError) as exc:
+        # Bad input of every kind (invalid hyperparameters included) and a diverged run end
+        # with one line naming the problem, not a traceback.
         print(f"dessilbi: error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
