@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dessilbi import DessiLBI, selected_groups, structured_param_groups
+from nets import Net
 
 F64 = torch.float64
 WORLD_SIZE = 2
@@ -24,16 +25,6 @@ STEPS = 20
 LOCAL_BATCH = 16
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 8, 3)
-        self.fc1 = nn.Linear(8 * 4 * 4, 12)
-        self.fc2 = nn.Linear(12, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.tanh(self.conv(x)).flatten(1)
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def make_model() -> Net:

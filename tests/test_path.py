@@ -16,6 +16,7 @@ from dessilbi import (
     support_masks,
     weight_group_norms,
 )
+from nets import Net
 
 F64 = torch.float64
 
@@ -23,16 +24,6 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 8, 3)
-        self.fc1 = nn.Linear(8 * 4 * 4, 12)
-        self.fc2 = nn.Linear(12, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.tanh(self.conv(x)).flatten(1)
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 STRUCTURE_OF = {"conv.weight": "filter", "fc1.weight": "channel", "fc2.weight": "element"}
