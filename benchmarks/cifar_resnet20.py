@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from _runs import fmt, mean_epoch_time, median_epoch_time, read_history
 from dessilbi.config import load_config
 from dessilbi.train import train
 
@@ -48,14 +48,6 @@ LABELS = {
 }
 
 
-def _mean_epoch_time(history: list[dict[str, Any]]) -> float:
-    times = [m["epoch_time"] for m in history]
-    return statistics.mean(times[1:] if len(times) > 1 else times)
-
-
-def _median_epoch_time(history: list[dict[str, Any]]) -> float:
-    times = [m["epoch_time"] for m in history]
-    return statistics.median(times[1:] if len(times) > 1 else times)
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -72,8 +64,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
     config = load_config("cifar10_resnet20", overrides)
     result = train(config, quiet=True)
-    metrics_path = Path(result.run_dir) / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    history = read_history(Path(result.run_dir))
     last = history[-1]
     return {
         "name": name,
@@ -84,15 +75,12 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "test_acc": last["test_acc"],
         "test_acc_sparse": last["test_acc_sparse"],
         "selected": last["selected"],
-        "mean_epoch_time": _mean_epoch_time(history),
-        "median_epoch_time": _median_epoch_time(history),
+        "mean_epoch_time": mean_epoch_time(history),
+        "median_epoch_time": median_epoch_time(history),
         "total_train_time": sum(m["epoch_time"] for m in history),
         "history": history,
     }
 
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def write_markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
@@ -128,9 +116,9 @@ def write_markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace)
         median_ratio = (median / sgd["median_epoch_time"]
                         if sgd and median and sgd.get("median_epoch_time") else None)
         lines.append(
-            f"| {r['label']} | {r['epochs']} | {_fmt(r['test_acc'])} "
-            f"| {_fmt(r['test_acc_sparse'])} | {sel} | {_fmt(r['mean_epoch_time'], 1)} "
-            f"| {_fmt(ratio)} | {_fmt(median, 1)} | {_fmt(median_ratio)} |"
+            f"| {r['label']} | {r['epochs']} | {fmt(r['test_acc'])} "
+            f"| {fmt(r['test_acc_sparse'])} | {sel} | {fmt(r['mean_epoch_time'], 1)} "
+            f"| {fmt(ratio)} | {fmt(median, 1)} | {fmt(median_ratio)} |"
         )
     lines += ["", "Epoch times exclude the first epoch (warm-up) and all evaluation; the "
               "machine was shared with other work, so the median is the steadier figure."]
@@ -160,8 +148,8 @@ def write_markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace)
             convs = [v for k, v in m["selected"].items() if k != "fc.weight"]
             sgd_m = sgd_hist.get(m["epoch"])
             lines.append(
-                f"| {m['epoch']} | {_fmt(sgd_m['test_acc'] if sgd_m else None)} "
-                f"| {_fmt(m['test_acc'])} | {_fmt(m['test_acc_sparse'])} "
+                f"| {m['epoch']} | {fmt(sgd_m['test_acc'] if sgd_m else None)} "
+                f"| {fmt(m['test_acc'])} | {fmt(m['test_acc_sparse'])} "
                 f"| {sum(v[0] for v in convs)} / {sum(v[1] for v in convs)} |"
             )
     return "\n".join(lines) + "\n"
@@ -195,7 +183,7 @@ def main() -> None:
         print(f"== {name}", flush=True)
         results[name] = run_one(name, args)
         r = results[name]
-        print(f"{name}: dense {r['test_acc']:.2f}% sparse {_fmt(r['test_acc_sparse'])}% "
+        print(f"{name}: dense {r['test_acc']:.2f}% sparse {fmt(r['test_acc_sparse'])}% "
               f"epoch {r['mean_epoch_time']:.1f} s", flush=True)
         json_path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "runs": results}, indent=1))

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from _runs import fmt, mean_epoch_time, median_epoch_time, read_history
 from dessilbi.config import load_config
 from dessilbi.data import load_dataset
 from dessilbi.models import build_model
@@ -78,19 +79,7 @@ RUNS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 }
 
 
-def _read_history(run_dir: Path) -> list[dict[str, Any]]:
-    text = (run_dir / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-
-def _mean_epoch_time(history: list[dict[str, Any]]) -> float:
-    times = [m["epoch_time"] for m in history]
-    return statistics.mean(times[1:] if len(times) > 1 else times)
-
-
-def _median_epoch_time(history: list[dict[str, Any]]) -> float:
-    times = [m["epoch_time"] for m in history]
-    return statistics.median(times[1:] if len(times) > 1 else times)
 
 
 def _structure_tag(args: argparse.Namespace) -> str:
@@ -126,7 +115,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     values["run_name"] = f"mnist-lenet5-{tag}"
     config = load_config("mnist_lenet5", values)
     result = train(config, quiet=True)
-    history = _read_history(Path(result.run_dir))
+    history = read_history(Path(result.run_dir))
     last = history[-1]
     return {
         "name": name,
@@ -137,8 +126,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "test_acc": last["test_acc"],
         "test_acc_sparse": last["test_acc_sparse"],
         "selected": last["selected"],
-        "mean_epoch_time": _mean_epoch_time(history),
-        "median_epoch_time": _median_epoch_time(history),
+        "mean_epoch_time": mean_epoch_time(history),
+        "median_epoch_time": median_epoch_time(history),
         "history": history,
     }
 
@@ -168,9 +157,6 @@ def bare_loop_epoch_times(args: argparse.Namespace, epochs: int) -> list[float]:
         times.append(time.perf_counter() - start)
     return times
 
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
@@ -213,9 +199,9 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             if median and sgd.get("median_epoch_time"):
                 median_ratio = median / sgd["median_epoch_time"]
         lines.append(
-            f"| {r['label']} | {_fmt(r['test_acc'])} | {_fmt(r['test_acc_sparse'])} "
-            f"| {conv3[0] if conv3 else '–'} | {_fmt(r['mean_epoch_time'], 2)} "
-            f"| {_fmt(ratio)} | {_fmt(median, 2)} | {_fmt(median_ratio)} |"
+            f"| {r['label']} | {fmt(r['test_acc'])} | {fmt(r['test_acc_sparse'])} "
+            f"| {conv3[0] if conv3 else '–'} | {fmt(r['mean_epoch_time'], 2)} "
+            f"| {fmt(ratio)} | {fmt(median, 2)} | {fmt(median_ratio)} |"
         )
     lines += ["", "Epoch times exclude the first epoch (warm-up) and all evaluation; the "
               "machine was shared with other work, so the median is the steadier figure."]
@@ -243,9 +229,9 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             f"Bare PyTorch loop (same LeNet-5, in-memory uint8 MNIST normalised per batch, "
             f"batch 128, SGD momentum 0.9, no eval or recording): epoch times "
             f"{', '.join(f'{t:.1f}' for t in bare['epoch_times'])} s; "
-            f"measured {_fmt(bare['epoch_time'], 2)} s (mean without the first). "
-            f"Pipeline SGD momentum 0.9: {_fmt(bare['pipeline_epoch_time'], 2)} s. "
-            f"Ratio pipeline / bare = **{_fmt(bare['ratio'], 3)}** (target ≤ 1.10).",
+            f"measured {fmt(bare['epoch_time'], 2)} s (mean without the first). "
+            f"Pipeline SGD momentum 0.9: {fmt(bare['pipeline_epoch_time'], 2)} s. "
+            f"Ratio pipeline / bare = **{fmt(bare['ratio'], 3)}** (target ≤ 1.10).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -293,7 +279,7 @@ def main() -> None:
         r = run_one(name, args)
         data["runs"][name] = r
         conv3 = r["selected"].get("conv3.weight")
-        print(f"{name}: dense {r['test_acc']:.2f}% sparse {_fmt(r['test_acc_sparse'])}% "
+        print(f"{name}: dense {r['test_acc']:.2f}% sparse {fmt(r['test_acc_sparse'])}% "
               f"conv3 {conv3} epoch {r['mean_epoch_time']:.2f} s", flush=True)
         save()
         if name == "sgd_momentum" and not args.skip_bare:

@@ -1,0 +1,33 @@
+"""Helpers shared by the real-data benchmarks: reading a run's metrics and formatting numbers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run directory's ``metrics.jsonl``."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _epoch_times(history: list[dict[str, Any]]) -> list[float]:
+    # The first epoch pays for warm-up (allocations, caches); leave it out when there are more.
+    times = [m["epoch_time"] for m in history]
+    return times[1:] if len(times) > 1 else times
+
+
+def mean_epoch_time(history: list[dict[str, Any]]) -> float:
+    return statistics.mean(_epoch_times(history))
+
+
+def median_epoch_time(history: list[dict[str, Any]]) -> float:
+    return statistics.median(_epoch_times(history))
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A number with ``digits`` decimals, or an en dash for a missing value."""
+    return "–" if value is None else f"{value:.{digits}f}"
