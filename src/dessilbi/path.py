@@ -149,22 +149,25 @@ class PathRecorder:
         for name, param, structure in zip(self.names, self._params, self.structures, strict=True):
             gamma = self.optimizer.state.get(param, {}).get("gamma")
             if gamma is not None:
-                yield name, (group_norms(gamma, structure) > 0).cpu()
+                yield name, group_norms(gamma, structure) > 0
 
     def update_step(self, step: int) -> None:
         """Note ``step`` as the entry step of every group that is nonzero for the first time."""
         for name, support in self._supports():
+            # Kept on Γ's device: this runs every step and must not sync with a GPU.
             entry = self.entry_step[name]
+            if entry.device != support.device:
+                entry = self.entry_step[name] = entry.to(support.device)
             entry[support & (entry < 0)] = step
 
     def record_epoch(self, epoch: int) -> None:
         """Append the group norms of W and the support of Γ at the end of ``epoch``."""
-        supports = dict(self._supports())
+        supports = {name: support.cpu() for name, support in self._supports()}
         for name, param, structure in zip(self.names, self._params, self.structures, strict=True):
             support = supports.get(name)
             if support is None:
                 support = torch.zeros_like(self.entry_step[name], dtype=torch.bool)
-            entered = self.entry_step[name] >= 0
+            entered = self.entry_step[name].cpu() >= 0
             epoch_entry = self.entry_epoch[name]
             epoch_entry[(entered | support) & (epoch_entry < 0)] = epoch
             self.norms[name].append(group_norms(param, structure).float().cpu())
@@ -182,7 +185,7 @@ class PathRecorder:
             "names": list(self.names),
             "structures": list(self.structures),
             "epochs": torch.tensor(self.epochs, dtype=torch.long),
-            "entry_step": {n: t.clone() for n, t in self.entry_step.items()},
+            "entry_step": {n: t.cpu().clone() for n, t in self.entry_step.items()},
             "entry_epoch": {n: t.clone() for n, t in self.entry_epoch.items()},
             "group_norms": {
                 n: stack(self.norms[n], self.entry_step[n], torch.float32) for n in self.names

@@ -458,6 +458,8 @@ def train(
         else model
     )
     batches = _Batches(train_set, config, dist_info, device)
+    if isinstance(test_set, ImageDataset):
+        test_set = test_set.to(device)  # once, not at every evaluation
     show = not quiet and dist_info.is_main
     say = tqdm.write if show else print
     epochs_bar = tqdm(
