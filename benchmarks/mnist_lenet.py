@@ -2,38 +2,43 @@
 
 Usage (from the repository root; runs the trainings one after another):
 
-    .venv/bin/python benchmarks/mnist_lenet.py --data-dir ../shared/data --epochs 30 \\
-        --nu 20 --lam 1 --group-scaling sqrt_size --linear-structure filter --exclude fc2
+    .venv/bin/python benchmarks/mnist_lenet.py --data-dir ../shared/data --epochs 60 \\
+        --nu 5 --lam 8
 
-(about 20 minutes on a shared 2-core CPU with one torch thread: ~3.5 s per LeNet-5 epoch).
+(about 35 minutes on a shared 2-core CPU with one torch thread: ~4 s per LeNet-5 epoch).
 
-Options: ``--only sgd_momentum dessilbi_momentum ...`` (a subset; earlier results with the same
-budget are kept in the JSON file and the table), ``--nu`` / ``--lam`` / ``--group-scaling`` /
-``--linear-structure`` / ``--exclude`` (the DessiLBI settings), ``--runs-dir`` (run
-directories; a finished run is only read back), ``--out`` (the markdown table; the raw figures go
-next to it as ``.json``), ``--threads`` (torch threads, default 1), ``--skip-bare`` (no bare-loop
-timing; a bare-loop result already in the JSON file is kept).
-
-What it measures. Seven runs of the shipped ``mnist_lenet5`` config (LeNet-5, MNIST pixels
+What it measures. Seven trainings of the shipped ``mnist_lenet5`` config (LeNet-5, MNIST pixels
 scaled to [0, 1] and normalised, no augmentation, batch 128, seed 0) with the same number of
-epochs and the same schedule: lr 0.1 (Adam: 1e-3) multiplied by 0.1 after 2/3 of the epochs.
+epochs and the same schedule (the paper's: the learning rate multiplied by 0.1 after 1/3 and
+after 2/3 of the epochs, i.e. every 20 epochs of 60):
 
-- SGD plain (momentum 0), SGD momentum 0.9, SGD momentum 0.9 + weight decay 5e-4;
-- Adam (lr 1e-3);
-- DessiLBI plain, momentum 0.9, momentum 0.9 + weight decay 5e-4 (κ = 1; ν, λ, the group
-  scaling, the structure of the fully connected layers and the uncoupled modules as given;
-  coupled conv layers in filter groups).
+- SGD plain (lr ``--lr``), SGD momentum 0.9 and momentum 0.9 + weight decay 5e-4 (lr
+  ``--momentum-lr``: with momentum 0.9 the step on a steady gradient is 10 lr, so lr 0.01 with
+  momentum moves as far as lr 0.1 without), Adam (lr 1e-3);
+- DessiLBI plain, momentum 0.9, momentum 0.9 + weight decay 5e-4 with the same learning rates,
+  κ = 1, λ ``--lam``, filter groups on the coupled convolutions, the modules in ``--exclude``
+  and (with ``--linear-structure none``) the fully connected layers uncoupled. ν is ``--nu`` at
+  the plain learning rate and scaled with the learning rate for the momentum runs (ν = 2 at lr
+  0.01 for ν = 20 at lr 0.1), so that the pull α/ν of the coupling per step is the same.
 
-Weight decay applies to weights only (biases: none, ``norm_weight_decay`` 0). For every run the
-table gives the test accuracy of the dense weights W, of the sparse network W̃ = W ⊙ 1[Γ ≠ 0]
-(DessiLBI), the selected filters of ``conv3`` (of 120), the mean training time per epoch
-(metrics ``epoch_time``, first epoch left out as warm-up) and, for DessiLBI, that time over the
-time of the SGD run with the same momentum / weight decay.
+Weight decay applies to weights only (biases: none). For every run the table gives the test
+accuracy of the dense weights W and (DessiLBI) of the sparse network W̃ = W ⊙ 1[Γ ≠ 0], and the
+selected filters of ``conv3`` (of 120).
 
-Loop overhead: it also times a bare hand-written PyTorch loop doing the same work as the
-pipeline's SGD-momentum epoch (the same LeNet-5, MNIST as in-memory uint8 tensors normalised per
-batch, batch 128, a fresh permutation, torch.optim.SGD momentum 0.9, no evaluation, no recording)
-and reports pipeline epoch time / bare epoch time (the target is within 10 %, i.e. <= 1.10).
+Speed. Epoch times of separate trainings on a shared machine differ by 5-10 % from load alone,
+so the speed figures come from a separate, interleaved measurement: ``--timing-rounds`` rounds,
+each training every one of the seven configurations for one more epoch (``train`` resumed from its
+checkpoint, so it is the pipeline's own loop) and one epoch of a bare hand-written PyTorch loop
+doing the SGD-momentum run's work (the same LeNet-5, MNIST as in-memory uint8 tensors normalised
+per batch, batch 128, a fresh permutation, ``torch.optim.SGD``, no evaluation or recording). The
+order is reversed every other round, the first round is warm-up, and a ratio is the sum of one
+run's epoch times over the sum of the other's over the same rounds. Targets: DessiLBI / SGD
+<= 1.05, pipeline SGD / bare loop <= 1.10.
+
+Options: ``--only NAME ...`` (a subset of the accuracy runs; earlier results with the same budget
+stay in the JSON file and the table), ``--runs-dir`` (a finished run is only read back),
+``--out`` (the markdown table; the raw figures go next to it as ``.json``), ``--threads`` (torch
+threads, default 1), ``--timing-rounds 0`` (no speed measurement; an earlier one is kept).
 """
 
 from __future__ import annotations
@@ -41,177 +46,237 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from _runs import fmt, mean_epoch_time, median_epoch_time, read_history
-from dessilbi.config import load_config
+from _runs import fmt, read_history
+from dessilbi.config import TrainConfig, load_config
 from dessilbi.data import load_dataset
 from dessilbi.models import build_model
 from dessilbi.train import train
 
-# name -> (label, config overrides, SGD run it is compared with)
-RUNS: dict[str, tuple[str, dict[str, Any], str | None]] = {
-    "sgd_plain": ("SGD", {"optimizer": "sgd", "momentum": 0.0}, None),
-    "sgd_momentum": ("SGD momentum 0.9", {"optimizer": "sgd", "momentum": 0.9}, None),
-    "sgd_momentum_wd": (
-        "SGD momentum 0.9 + wd 5e-4",
-        {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4},
-        None,
-    ),
-    "adam": ("Adam (lr 1e-3)", {"optimizer": "adam", "lr": 1e-3}, None),
-    "dessilbi_plain": ("DessiLBI", {"optimizer": "dessilbi", "momentum": 0.0}, "sgd_plain"),
-    "dessilbi_momentum": (
-        "DessiLBI momentum 0.9",
-        {"optimizer": "dessilbi", "momentum": 0.9},
-        "sgd_momentum",
-    ),
-    "dessilbi_momentum_wd": (
-        "DessiLBI momentum 0.9 + wd 5e-4",
-        {"optimizer": "dessilbi", "momentum": 0.9, "weight_decay": 5e-4},
-        "sgd_momentum_wd",
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    optimizer: str
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    baseline: str | None = None  # the SGD run whose speed it is compared with
+
+
+RUNS: dict[str, Run] = {
+    "sgd_plain": Run("SGD", "sgd"),
+    "sgd_momentum": Run("SGD momentum 0.9", "sgd", 0.9),
+    "sgd_momentum_wd": Run("SGD momentum 0.9 + wd 5e-4", "sgd", 0.9, 5e-4),
+    "adam": Run("Adam", "adam"),
+    "dessilbi_plain": Run("DessiLBI", "dessilbi", baseline="sgd_plain"),
+    "dessilbi_momentum": Run("DessiLBI momentum 0.9", "dessilbi", 0.9, baseline="sgd_momentum"),
+    "dessilbi_momentum_wd": Run(
+        "DessiLBI momentum 0.9 + wd 5e-4", "dessilbi", 0.9, 5e-4, baseline="sgd_momentum_wd"
     ),
 }
 
 
+def milestones(epochs: int) -> list[int]:
+    """The paper's MNIST schedule, scaled: × 0.1 after 1/3 and after 2/3 of the epochs."""
+    return sorted({max(1, round(epochs / 3)), max(1, round(2 * epochs / 3))})
 
 
+def run_lr(run: Run, args: argparse.Namespace) -> float:
+    if run.optimizer == "adam":
+        return 1e-3
+    return args.momentum_lr if run.momentum else args.lr
 
-def _structure_tag(args: argparse.Namespace) -> str:
-    excl = "-x" + "+".join(args.exclude) if args.exclude else ""
-    scale = "-sqrt" if args.group_scaling == "sqrt_size" else ""
-    return f"nu{args.nu:g}-lam{args.lam:g}{scale}-lin{args.linear_structure}{excl}"
 
-
-def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    label, overrides, _ = RUNS[name]
-    milestone = max(1, round(2 * args.epochs / 3))
+def make_config(name: str, args: argparse.Namespace, *, epochs: int, out: str) -> TrainConfig:
+    """The configuration of run ``name`` (the schedule always follows ``args.epochs``)."""
+    run = RUNS[name]
+    lr = run_lr(run, args)
     values: dict[str, Any] = {
-        "kappa": 1,
-        "weight_decay": 0.0,
+        "optimizer": run.optimizer,
+        "lr": lr,
+        "momentum": run.momentum,
+        "weight_decay": run.weight_decay,
         "norm_weight_decay": 0.0,
-        **overrides,
+        "kappa": 1,
         "data_dir": args.data_dir,
-        "epochs": args.epochs,
+        "epochs": epochs,
         "batch_size": 128,
         "schedule": "multistep",
-        "milestones": [milestone],
+        "milestones": milestones(args.epochs),
         "lr_decay": 0.1,
         "seed": args.seed,
         "device": "cpu",
-        "out": args.runs_dir,
+        "out": out,
+        "run_name": f"mnist-lenet5-{name}-e{args.epochs}-s{args.seed}",
     }
-    tag = f"{name}-e{args.epochs}-s{args.seed}"
-    if overrides["optimizer"] == "dessilbi":
-        values.update(nu=args.nu, lam=args.lam, group_scaling=args.group_scaling,
+    if run.optimizer == "dessilbi":
+        nu = args.nu * lr / args.lr
+        values.update(nu=nu, lam=args.lam, group_scaling=args.group_scaling,
                       conv_structure="filter", linear_structure=args.linear_structure,
                       exclude=args.exclude)
-        tag += "-" + _structure_tag(args)
-    values["run_name"] = f"mnist-lenet5-{tag}"
-    config = load_config("mnist_lenet5", values)
+        excl = "-x" + "+".join(args.exclude) if args.exclude else ""
+        values["run_name"] += (f"-nu{nu:g}-lam{args.lam:g}-{args.group_scaling}"
+                               f"-lin{args.linear_structure}{excl}")
+    return load_config("mnist_lenet5", values)
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    config = make_config(name, args, epochs=args.epochs, out=args.runs_dir)
     result = train(config, quiet=True)
     history = read_history(Path(result.run_dir))
     last = history[-1]
     return {
         "name": name,
-        "label": label,
+        "label": RUNS[name].label,
         "config": config.to_dict(),
         "run_dir": str(result.run_dir),
         "epochs": last["epoch"],
         "test_acc": last["test_acc"],
         "test_acc_sparse": last["test_acc_sparse"],
+        "train_acc": last["train_acc"],
         "selected": last["selected"],
-        "mean_epoch_time": mean_epoch_time(history),
-        "median_epoch_time": median_epoch_time(history),
         "history": history,
     }
 
 
-def bare_loop_epoch_times(args: argparse.Namespace, epochs: int) -> list[float]:
-    """Seconds per epoch of a hand-written loop doing the pipeline's SGD-momentum training work."""
-    data = load_dataset("mnist", args.data_dir, "train")
-    images, labels = data.images, data.labels  # uint8 [N, 1, 28, 28], int64 [N]
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    torch.manual_seed(args.seed)
-    model = build_model("lenet5", num_classes=10, in_channels=1, image_size=28)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    batch = 128
-    times = []
-    for epoch in range(epochs):
-        model.train()
-        start = time.perf_counter()
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
-        for b in range(len(labels) // batch):
-            idx = order[b * batch : (b + 1) * batch]
-            x = (images[idx].float() / 255 - mean) / std
-            loss = F.cross_entropy(model(x), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
+class BareLoop:
+    """A hand-written PyTorch loop doing the pipeline's SGD-momentum work, epoch by epoch."""
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        data = load_dataset("mnist", args.data_dir, "train")
+        self.images, self.labels = data.images, data.labels  # uint8 [N, 1, 28, 28], int64 [N]
+        self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std).view(1, -1, 1, 1)
+        torch.manual_seed(args.seed)
+        self.model = build_model("lenet5", num_classes=10, in_channels=1, image_size=28)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.momentum_lr,
+                                         momentum=0.9)
+        self.epochs_done = 0
+
+    def epoch(self) -> float:
+        """Train one epoch and return its seconds."""
+        batch = 128
+        self.model.train()
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(self.epochs_done)
+        order = torch.randperm(len(self.labels), generator=gen)
+        for b in range(len(self.labels) // batch):
+            idx = order[b * batch : (b + 1) * batch]
+            x = (self.images[idx].float() / 255 - self.mean) / self.std
+            loss = F.cross_entropy(self.model(x), self.labels[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.epochs_done += 1
+        return time.perf_counter() - start
+
+
+def interleaved_timing(args: argparse.Namespace) -> dict[str, Any]:
+    """Epoch times of every run and of the bare loop, measured round by round side by side."""
+    timing_dir = Path(args.runs_dir) / "timing"
+    shutil.rmtree(timing_dir, ignore_errors=True)  # always a fresh measurement
+    bare = BareLoop(args)
+    names = ["bare_loop", *RUNS]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rnd in range(args.timing_rounds):
+        order = names if rnd % 2 == 0 else names[::-1]
+        for name in order:
+            if name == "bare_loop":
+                times[name].append(bare.epoch())
+                continue
+            config = make_config(name, args, epochs=rnd + 1, out=str(timing_dir))
+            run_dir = timing_dir / str(config.run_name)
+            train(config, quiet=True, resume_dir=run_dir if rnd else None)
+            times[name].append(read_history(run_dir)[-1]["epoch_time"])
+        print(f"timing round {rnd + 1}/{args.timing_rounds}: "
+              + ", ".join(f"{n} {times[n][-1]:.2f}" for n in names), flush=True)
+    kept = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}  # round 1: warm-up
+
+    def ratio(a: str, b: str) -> float:
+        return sum(kept[a]) / sum(kept[b])
+
+    def round_ratios(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(kept[a], kept[b], strict=True)]
+
+    return {
+        "rounds": args.timing_rounds,
+        "epoch_times": times,
+        "mean_epoch_time": {name: statistics.mean(t) for name, t in kept.items()},
+        "ratio_to_sgd": {
+            name: ratio(name, run.baseline) for name, run in RUNS.items() if run.baseline
+        },
+        "round_ratios_to_sgd": {
+            name: round_ratios(name, run.baseline) for name, run in RUNS.items() if run.baseline
+        },
+        "pipeline_over_bare": ratio("sgd_momentum", "bare_loop"),
+        "round_ratios_pipeline_over_bare": round_ratios("sgd_momentum", "bare_loop"),
+    }
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = [".venv/bin/python benchmarks/mnist_lenet.py", f"--data-dir {args.data_dir}",
+             f"--epochs {args.epochs}", f"--lr {args.lr:g}", f"--momentum-lr {args.momentum_lr:g}",
+             f"--nu {args.nu:g}", f"--lam {args.lam:g}", f"--group-scaling {args.group_scaling}",
+             f"--linear-structure {args.linear_structure}", f"--threads {args.threads}"]
+    if args.exclude:
+        parts.append("--exclude " + " ".join(args.exclude))
+    return " ".join(parts)
 
 
 def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
     results = data["runs"]
-    milestone = max(1, round(2 * args.epochs / 3))
-    fc = (f"linear layers `{args.linear_structure}`"
-          + (f", {', '.join(args.exclude)} uncoupled" if args.exclude else ""))
+    timing = data.get("timing")
+    uncoupled = [*args.exclude] + (["fully connected layers"]
+                                   if args.linear_structure == "none" else [])
     lines = [
         "# LeNet-5 on MNIST: SGD, Adam and DessiLBI under one budget",
         "",
-        f"Budget (reduced from the paper's 60 epochs): {args.epochs} epochs, batch 128, "
-        f"lr 0.1 (Adam 1e-3) × 0.1 after epoch {milestone}, seed {args.seed}, no augmentation, "
-        "weight decay on weights only. "
-        f"DessiLBI: κ = 1, λ = {args.lam:g}, group scaling `{args.group_scaling}`, "
-        f"ν = {args.nu:g}, conv filter groups, {fc}. "
-        f"CPU ({torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"{platform.machine()}), a machine shared with other work, so times are noisy.",
+        f"Budget: {args.epochs} epochs, batch 128, learning rate × 0.1 after epochs "
+        f"{' and '.join(map(str, milestones(args.epochs)))}, "
+        f"seed {args.seed}, no augmentation. Learning rates: {args.lr:g} without momentum, "
+        f"{args.momentum_lr:g} with momentum 0.9, Adam 1e-3. Weight decay on weights only. "
+        f"DessiLBI: κ = 1, λ = {args.lam:g} (group scaling `{args.group_scaling}`), "
+        f"ν = {args.nu:g} at lr {args.lr:g} and {args.nu * args.momentum_lr / args.lr:g} at lr "
+        f"{args.momentum_lr:g} (the same pull α/ν per step), filter groups on the convolutions"
+        + (f"; uncoupled: {', '.join(uncoupled)}" if uncoupled else "")
+        + (f"; linear layers `{args.linear_structure}`" if args.linear_structure != "none" else "")
+        + f". CPU ({args.threads} torch thread(s), torch {torch.__version__}, "
+        f"{platform.machine()}).",
         "",
-        "Produced by `.venv/bin/python benchmarks/mnist_lenet.py "
-        f"--data-dir {args.data_dir} --epochs {args.epochs} --nu {args.nu:g} "
-        f"--lam {args.lam:g} --group-scaling {args.group_scaling} "
-        f"--linear-structure {args.linear_structure} --threads {args.threads}"
-        + (f" --exclude {' '.join(args.exclude)}" if args.exclude else "") + "`.",
+        f"Produced by `{command_line(args)} --timing-rounds {args.timing_rounds}` (runs "
+        "already finished in `--runs-dir` are read back).",
         "",
         "| optimizer | dense W test acc (%) | sparse W̃ test acc (%) | conv3 filters selected "
-        "(of 120) | mean epoch time (s) | epoch time / SGD | median epoch time (s) "
-        "| median / SGD |",
-        "|---|---|---|---|---|---|---|---|",
+        "(of 120) | train acc (%) | epoch time (s) | epoch time / SGD's |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, (_, _, sgd_name) in RUNS.items():
+    for name in RUNS:
         if name not in results:
             continue
         r = results[name]
         conv3 = r["selected"].get("conv3.weight")
-        ratio = median_ratio = None
-        median = r.get("median_epoch_time")
-        if sgd_name is not None and sgd_name in results:
-            sgd = results[sgd_name]
-            ratio = r["mean_epoch_time"] / sgd["mean_epoch_time"]
-            if median and sgd.get("median_epoch_time"):
-                median_ratio = median / sgd["median_epoch_time"]
+        epoch_time = timing["mean_epoch_time"].get(name) if timing else None
+        ratio = timing["ratio_to_sgd"].get(name) if timing else None
         lines.append(
             f"| {r['label']} | {fmt(r['test_acc'])} | {fmt(r['test_acc_sparse'])} "
-            f"| {conv3[0] if conv3 else '–'} | {fmt(r['mean_epoch_time'], 2)} "
-            f"| {fmt(ratio)} | {fmt(median, 2)} | {fmt(median_ratio)} |"
+            f"| {conv3[0] if conv3 else '–'} | {fmt(r.get('train_acc'))} "
+            f"| {fmt(epoch_time, 2)} | {fmt(ratio, 3)} |"
         )
-    lines += ["", "Epoch times exclude the first epoch (warm-up) and all evaluation; the "
-              "machine was shared with other work, so the median is the steadier figure."]
     lbi = [n for n in RUNS if n.startswith("dessilbi") and n in results]
     if lbi:
         layers = list(results[lbi[0]]["selected"])
         lines += [
             "",
-            "Selected groups per layer at the end (filters / neurons; single weights under "
-            "`element`):",
+            "Selected groups per coupled layer at the end:",
             "",
             "| run | " + " | ".join(layers) + " |",
             "|---|" + "---|" * len(layers),
@@ -220,25 +285,53 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             sel = results[name]["selected"]
             lines.append(f"| {results[name]['label']} | "
                          + " | ".join(f"{sel[k][0]} / {sel[k][1]}" for k in layers) + " |")
-    bare = data.get("bare_loop")
-    if bare:
+        lines += ["", "Path of the sparse network, epoch by epoch (W̃ test accuracy % / conv3 "
+                  "filters selected):", "", "| epoch | " + " | ".join(
+                      results[n]["label"] for n in lbi) + " |", "|---|" + "---|" * len(lbi)]
+        for i in range(max(len(results[n]["history"]) for n in lbi)):
+            cells = []
+            for n in lbi:
+                hist = results[n]["history"]
+                if i < len(hist):
+                    m = hist[i]
+                    cells.append(f"{fmt(m['test_acc_sparse'])} / "
+                                 f"{m['selected'].get('conv3.weight', ['–'])[0]}")
+                else:
+                    cells.append("–")
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    if timing:
+        kept = timing["rounds"] - 1 if timing["rounds"] > 1 else 1
         lines += [
             "",
-            "## Training-loop overhead",
+            "## Speed, measured side by side",
             "",
-            f"Bare PyTorch loop (same LeNet-5, in-memory uint8 MNIST normalised per batch, "
-            f"batch 128, SGD momentum 0.9, no eval or recording): epoch times "
-            f"{', '.join(f'{t:.1f}' for t in bare['epoch_times'])} s; "
-            f"measured {fmt(bare['epoch_time'], 2)} s (mean without the first). "
-            f"Pipeline SGD momentum 0.9: {fmt(bare['pipeline_epoch_time'], 2)} s. "
-            f"Ratio pipeline / bare = **{fmt(bare['ratio'], 3)}** (target ≤ 1.10).",
+            f"Epoch times of the training loop (no evaluation), from {timing['rounds']} "
+            f"interleaved rounds of one epoch per run (first round left out, {kept} kept); a "
+            "ratio is the sum of one run's epoch times over its baseline's over the same rounds.",
+            "",
+            "| run | epoch time (s) | ratio | per-round ratios |",
+            "|---|---|---|---|",
         ]
+        for name, run in RUNS.items():
+            if run.baseline:
+                rounds = ", ".join(f"{x:.3f}" for x in timing["round_ratios_to_sgd"][name])
+                lines.append(
+                    f"| {run.label} / {RUNS[run.baseline].label} "
+                    f"| {fmt(timing['mean_epoch_time'][name], 2)} "
+                    f"| **{timing['ratio_to_sgd'][name]:.3f}** (target ≤ 1.05) | {rounds} |"
+                )
+        rounds = ", ".join(f"{x:.3f}" for x in timing["round_ratios_pipeline_over_bare"])
+        lines.append(
+            f"| pipeline SGD momentum / bare PyTorch loop "
+            f"| {fmt(timing['mean_epoch_time']['bare_loop'], 2)} (bare) "
+            f"| **{timing['pipeline_over_bare']:.3f}** (target ≤ 1.10) | {rounds} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: on a shared 2-core machine torch's "
@@ -246,28 +339,29 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--runs-dir", default="runs/bench-mnist")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist_lenet.md"))
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
-    parser.add_argument("--nu", type=float, default=20.0)
-    parser.add_argument("--linear-structure", default="filter",
+    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate without momentum")
+    parser.add_argument("--momentum-lr", type=float, default=0.01,
+                        help="learning rate of the momentum runs")
+    parser.add_argument("--nu", type=float, default=5.0, help="DessiLBI ν at --lr")
+    parser.add_argument("--lam", type=float, default=8.0)
+    parser.add_argument("--group-scaling", default="none", choices=["none", "sqrt_size"])
+    parser.add_argument("--linear-structure", default="none",
                         choices=["filter", "channel", "element", "none"])
-    parser.add_argument("--exclude", nargs="*", default=["fc2"],
-                        help="module names left uncoupled in the DessiLBI runs, e.g. fc2")
-    parser.add_argument("--lam", type=float, default=1.0)
-    parser.add_argument("--group-scaling", default="sqrt_size", choices=["none", "sqrt_size"])
-    parser.add_argument("--bare-epochs", type=int, default=3,
-                        help="epochs of the bare loop (the first is warm-up)")
-    parser.add_argument("--skip-bare", action="store_true")
+    parser.add_argument("--exclude", nargs="*", default=["conv1", "conv2"],
+                        help="module names left uncoupled in the DessiLBI runs")
+    parser.add_argument("--timing-rounds", type=int, default=5,
+                        help="rounds of the interleaved speed measurement (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     json_path = args.out.with_suffix(".json")
     data: dict[str, Any] = {"runs": {}}
-    if json_path.is_file():  # keep runs of an earlier --only invocation with the same budget
+    if json_path.is_file():  # keep runs of an earlier --only invocation with the same settings
         old = json.loads(json_path.read_text())
-        if old.get("epochs") == args.epochs and old.get("seed") == args.seed:
+        if old.get("command") == command_line(args):
             data = old
-    data.update(epochs=args.epochs, seed=args.seed,
-                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    data.update(epochs=args.epochs, seed=args.seed, command=command_line(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -280,20 +374,11 @@ def main() -> None:
         data["runs"][name] = r
         conv3 = r["selected"].get("conv3.weight")
         print(f"{name}: dense {r['test_acc']:.2f}% sparse {fmt(r['test_acc_sparse'])}% "
-              f"conv3 {conv3} epoch {r['mean_epoch_time']:.2f} s", flush=True)
+              f"conv3 {conv3}", flush=True)
         save()
-        if name == "sgd_momentum" and not args.skip_bare:
-            # Right after the pipeline's SGD-momentum run, so both see similar machine load.
-            times = bare_loop_epoch_times(args, args.bare_epochs)
-            bare = statistics.mean(times[1:] if len(times) > 1 else times)
-            data["bare_loop"] = {
-                "epoch_times": times,
-                "epoch_time": bare,
-                "pipeline_epoch_time": r["mean_epoch_time"],
-                "ratio": r["mean_epoch_time"] / bare,
-            }
-            print(f"bare loop: {times} -> ratio {r['mean_epoch_time'] / bare:.3f}", flush=True)
-            save()
+    if args.timing_rounds > 0:
+        data["timing"] = interleaved_timing(args)
+        save()
     print(args.out.read_text())
 
 

@@ -13,8 +13,8 @@ from dessilbi.data import DATASET_NAMES
 from dessilbi.models import available_models
 
 EXPECTED_CONFIGS = {
-    "digits", "mnist_lenet5", "cifar10_vgg16_bn", "cifar10_resnet20", "cifar10_resnet56",
-    "imagenet_resnet18",
+    "digits", "mnist_lenet5", "mnist_lenet5_sparse", "cifar10_vgg16_bn", "cifar10_resnet20",
+    "cifar10_resnet56", "imagenet_resnet18",
 }
 
 
@@ -53,6 +53,20 @@ def test_paper_settings_of_the_mnist_config() -> None:
     assert (config.kappa, config.nu, config.lr, config.momentum) == (1.0, 20.0, 0.1, 0.9)
     assert (config.schedule, config.lr_step, config.lr_decay) == ("step", 20, 0.1)
     assert (config.epochs, config.batch_size) == (60, 128)
+
+
+def test_sparse_mnist_config_couples_only_conv3() -> None:
+    from dessilbi.models import build_model
+    from dessilbi.path import coupled_tensors
+    from dessilbi.train import build_optimizer
+
+    config = load_config("mnist_lenet5_sparse")
+    model = build_model(config.model, num_classes=10, in_channels=1, image_size=28)
+    optimizer = build_optimizer(config, model)
+    coupled = coupled_tensors(model, optimizer)
+    assert [(t.name, t.structure) for t in coupled] == [("conv3.weight", "filter")]
+    assert (config.nu, config.lam, config.lr, config.momentum) == (0.5, 8.0, 0.01, 0.9)
+    assert (config.epochs, config.lr_step) == (60, 20)
 
 
 def test_overrides_beat_the_file_which_beats_the_defaults(tmp_path: Path) -> None:
@@ -94,3 +108,21 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
     invalid = _cli("train", "--lam", "-1", "--epochs", "1", "--out", str(tmp_path))
     assert invalid.returncode == 1
     assert "Invalid lam: -1.0" in invalid.stderr and "Traceback" not in invalid.stderr
+
+
+def test_augmentation_keys_override_the_data_set_defaults() -> None:
+    from dessilbi.data import dataset_info
+    from dessilbi.train import _training_augment
+
+    mnist, cifar = dataset_info("mnist"), dataset_info("cifar10")
+    default = _training_augment(load_config(None, {"dataset": "mnist"}), mnist)
+    assert (default.crop_padding, default.flip) == (0, False)
+    shifted = _training_augment(load_config(None, {"crop_padding": "2"}), mnist)
+    assert (shifted.crop_padding, shifted.flip) == (2, False)
+    assert _training_augment(load_config(None, {}), cifar).crop_padding == 4
+    no_flip = _training_augment(load_config(None, {"flip": "false"}), cifar)
+    assert (no_flip.crop_padding, no_flip.flip) == (4, False)
+    off = _training_augment(load_config(None, {"augment": False, "crop_padding": 2}), mnist)
+    assert not off.augments
+    with pytest.raises(ConfigError, match="invalid crop_padding: -1"):
+        load_config(None, {"crop_padding": -1})

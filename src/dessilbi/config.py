@@ -42,6 +42,14 @@ class TrainConfig:
     data_dir: str | None = _opt(None, "data directory (default: $DESSILBI_DATA or ./data)")
     download: bool = _opt(False, "download the official archives if missing (needs internet)")
     augment: bool = _opt(True, "use the data set's default training augmentation")
+    crop_padding: int | None = _opt(
+        None, "zero padding of the random training crop of in-memory data sets (default: the "
+        "data set's: 4 for CIFAR, 0 for MNIST and digits; 0 turns cropping off)"
+    )
+    flip: bool | None = _opt(
+        None, "random horizontal flips in training (default: the data set's: on for CIFAR, "
+        "off for digits and MNIST)"
+    )
     # model
     model: str = _opt("small_cnn", "model name (see dessilbi.models.available_models())")
     model_kwargs: dict[str, Any] = field(
@@ -97,6 +105,8 @@ class TrainConfig:
             ("lr", self.lr > 0, "> 0"),
             ("lr_step", self.lr_step >= 1, "at least 1"),
             ("workers", self.workers >= 0, ">= 0"),
+            ("crop_padding", self.crop_padding is None or self.crop_padding >= 0,
+             ">= 0, or null for the data set's default"),
         ]
         for key, ok, expected in checks:
             if not ok:

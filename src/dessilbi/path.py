@@ -158,7 +158,8 @@ class PathRecorder:
             entry = self.entry_step[name]
             if entry.device != support.device:
                 entry = self.entry_step[name] = entry.to(support.device)
-            entry[support & (entry < 0)] = step
+            # masked_fill_, not boolean indexing: indexing with a mask syncs with a GPU.
+            entry.masked_fill_(support & entry.lt(0), step)
 
     def record_epoch(self, epoch: int) -> None:
         """Append the group norms of W and the support of Γ at the end of ``epoch``."""

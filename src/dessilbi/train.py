@@ -37,7 +37,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from dessilbi.config import ConfigError, TrainConfig
-from dessilbi.data import BatchAugment, FolderDataset, ImageDataset, dataset_info, load_dataset
+from dessilbi.data import (
+    BatchAugment,
+    DatasetInfo,
+    FolderDataset,
+    ImageDataset,
+    dataset_info,
+    load_dataset,
+)
 from dessilbi.models import build_model
 from dessilbi.optim import DessiLBI
 from dessilbi.path import PathRecorder, selected_groups, sparse_weights
@@ -237,6 +244,15 @@ class _Batches:
             yield images.to(self.device, non_blocking=True), labels.to(self.device)
 
 
+def _training_augment(config: TrainConfig, info: DatasetInfo) -> BatchAugment:
+    """The batched training augmentation of an in-memory data set: its default, as configured."""
+    if not config.augment:
+        return BatchAugment(info.mean, info.std)
+    padding = info.crop_padding if config.crop_padding is None else config.crop_padding
+    flip = info.flip if config.flip is None else config.flip
+    return BatchAugment(info.mean, info.std, padding, flip)
+
+
 def _load_data(
     config: TrainConfig, dist_info: _Dist
 ) -> tuple[ImageDataset | FolderDataset, ImageDataset | FolderDataset]:
@@ -411,11 +427,7 @@ def train(
     recorder = PathRecorder(model, optimizer) if isinstance(optimizer, DessiLBI) else None
     normalize = BatchAugment(info.mean, info.std)
     lazy = not isinstance(train_set, ImageDataset)
-    augment = (
-        BatchAugment.from_info(info)
-        if config.augment and not lazy
-        else BatchAugment(info.mean, info.std)
-    )
+    augment = _training_augment(config, info) if not lazy else BatchAugment(info.mean, info.std)
     aug_gen = torch.Generator(device=device).manual_seed(config.seed * 7919 + dist_info.rank)
 
     start_epoch, step = 0, 0
@@ -461,7 +473,14 @@ def train(
     if isinstance(test_set, ImageDataset):
         test_set = test_set.to(device)  # once, not at every evaluation
     show = not quiet and dist_info.is_main
-    say = tqdm.write if show else print
+    def say(line: str) -> None:
+        # Flushed at once: quiet mode is meant for logs, and a log redirected to a file is
+        # block-buffered, so a user tailing it would otherwise see nothing for many epochs.
+        if show:
+            tqdm.write(line)
+        else:
+            print(line, flush=True)
+
     epochs_bar = tqdm(
         range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
         desc="epochs", disable=not show, dynamic_ncols=True,
