@@ -127,7 +127,8 @@ def write_markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace)
             f"| {fmt(r['test_acc_sparse'])} | {_conv_selected(r['selected'])} "
             f"| {fmt(median, 1)} | {fmt(median_ratio)} |"
         )
-    lines += ["", "Epoch times exclude all evaluation; the runs ran one after the other on a "
+    lines += ["", "Epoch times exclude the first epoch (warm-up) and all evaluation; the runs ran "
+              "one after the other on a "
               "machine shared with other work, so their ratio is only indicative (the step "
               "speed is measured side by side by `benchmarks/step_speed.py`)."]
     if lbi:

@@ -31,14 +31,16 @@ each training every one of the seven configurations for one more epoch (``train`
 checkpoint, so it is the pipeline's own loop) and one epoch of a bare hand-written PyTorch loop
 doing the SGD-momentum run's work (the same LeNet-5, MNIST as in-memory uint8 tensors normalised
 per batch, batch 128, a fresh permutation, ``torch.optim.SGD``, no evaluation or recording). The
-order is reversed every other round, the first round is warm-up, and a ratio is the sum of one
+order is reversed every other round (an odd number of rounds, so that the kept ones run in
+each order equally often), the first round is warm-up, and a ratio is the sum of one
 run's epoch times over the sum of the other's over the same rounds. Targets: DessiLBI / SGD
 <= 1.05, pipeline SGD / bare loop <= 1.10.
 
 Options: ``--only NAME ...`` (a subset of the accuracy runs; earlier results with the same budget
 stay in the JSON file and the table), ``--runs-dir`` (a finished run is only read back),
 ``--out`` (the markdown table; the raw figures go next to it as ``.json``), ``--threads`` (torch
-threads, default 1), ``--timing-rounds 0`` (no speed measurement; an earlier one is kept).
+threads, default 1), ``--timing-rounds 0`` (no speed measurement; an earlier one is kept),
+``--only`` with no names (only the speed measurement).
 """
 
 from __future__ import annotations
@@ -149,33 +151,37 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 class BareLoop:
-    """A hand-written PyTorch loop doing the pipeline's SGD-momentum work, epoch by epoch."""
+    """A hand-written PyTorch loop doing the pipeline's SGD-momentum work, one epoch at a time."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         data = load_dataset("mnist", args.data_dir, "train")
         self.images, self.labels = data.images, data.labels  # uint8 [N, 1, 28, 28], int64 [N]
         self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std).view(1, -1, 1, 1)
-        torch.manual_seed(args.seed)
-        self.model = build_model("lenet5", num_classes=10, in_channels=1, image_size=28)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.momentum_lr,
-                                         momentum=0.9)
+        self.seed, self.lr = args.seed, args.momentum_lr
         self.epochs_done = 0
 
     def epoch(self) -> float:
-        """Train one epoch and return its seconds."""
+        """Train one epoch with a freshly built model and optimizer; return its seconds.
+
+        Fresh every round, like the pipeline's runs, which are rebuilt from their checkpoints for
+        every timed epoch: both sides pay the first steps after set-up in every round.
+        """
+        torch.manual_seed(self.seed)
+        model = build_model("lenet5", num_classes=10, in_channels=1, image_size=28)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
         batch = 128
-        self.model.train()
+        model.train()
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(self.epochs_done)
         order = torch.randperm(len(self.labels), generator=gen)
         for b in range(len(self.labels) // batch):
             idx = order[b * batch : (b + 1) * batch]
             x = (self.images[idx].float() / 255 - self.mean) / self.std
-            loss = F.cross_entropy(self.model(x), self.labels[idx])
-            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), self.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
+            optimizer.step()
         self.epochs_done += 1
         return time.perf_counter() - start
 
@@ -199,7 +205,7 @@ def interleaved_timing(args: argparse.Namespace) -> dict[str, Any]:
             times[name].append(read_history(run_dir)[-1]["epoch_time"])
         print(f"timing round {rnd + 1}/{args.timing_rounds}: "
               + ", ".join(f"{n} {times[n][-1]:.2f}" for n in names), flush=True)
-    kept = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}  # round 1: warm-up
+    kept = {name: t[1:] for name, t in times.items()}  # round 1 is warm-up
 
     def ratio(a: str, b: str) -> float:
         return sum(kept[a]) / sum(kept[b])
@@ -224,7 +230,8 @@ def interleaved_timing(args: argparse.Namespace) -> dict[str, Any]:
 
 def command_line(args: argparse.Namespace) -> str:
     parts = [".venv/bin/python benchmarks/mnist_lenet.py", f"--data-dir {args.data_dir}",
-             f"--epochs {args.epochs}", f"--lr {args.lr:g}", f"--momentum-lr {args.momentum_lr:g}",
+             f"--epochs {args.epochs}", f"--seed {args.seed}", f"--lr {args.lr:g}",
+             f"--momentum-lr {args.momentum_lr:g}",
              f"--nu {args.nu:g}", f"--lam {args.lam:g}", f"--group-scaling {args.group_scaling}",
              f"--linear-structure {args.linear_structure}", f"--threads {args.threads}"]
     if args.exclude:
@@ -252,7 +259,8 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         + f". CPU ({args.threads} torch thread(s), torch {torch.__version__}, "
         f"{platform.machine()}).",
         "",
-        f"Produced by `{command_line(args)} --timing-rounds {args.timing_rounds}` (runs "
+        f"Produced by `{command_line(args)} --timing-rounds "
+        f"{timing['rounds'] if timing else 0}` (runs "
         "already finished in `--runs-dir` are read back).",
         "",
         "| optimizer | dense W test acc (%) | sparse W̃ test acc (%) | conv3 filters selected "
@@ -300,7 +308,7 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
                     cells.append("–")
             lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     if timing:
-        kept = timing["rounds"] - 1 if timing["rounds"] > 1 else 1
+        kept = timing["rounds"] - 1
         lines += [
             "",
             "## Speed, measured side by side",
@@ -339,7 +347,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--runs-dir", default="runs/bench-mnist")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist_lenet.md"))
-    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS),
+                        help="accuracy runs to do (none: only the speed measurement)")
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate without momentum")
     parser.add_argument("--momentum-lr", type=float, default=0.01,
                         help="learning rate of the momentum runs")
@@ -351,8 +360,11 @@ def main() -> None:
     parser.add_argument("--exclude", nargs="*", default=["conv1", "conv2"],
                         help="module names left uncoupled in the DessiLBI runs")
     parser.add_argument("--timing-rounds", type=int, default=5,
-                        help="rounds of the interleaved speed measurement (0: none)")
+                        help="rounds of the interleaved speed measurement: 0 (none) or an odd "
+                        "number >= 3, so that the kept rounds run in each order equally often")
     args = parser.parse_args()
+    if args.timing_rounds != 0 and (args.timing_rounds < 3 or args.timing_rounds % 2 == 0):
+        parser.error(f"--timing-rounds must be 0 or an odd number >= 3, got {args.timing_rounds}")
     torch.set_num_threads(args.threads)
 
     json_path = args.out.with_suffix(".json")
@@ -368,6 +380,7 @@ def main() -> None:
         json_path.write_text(json.dumps(data, indent=1))
         args.out.write_text(write_markdown(data, args))
 
+    save()
     for name in args.only:
         print(f"== {name}", flush=True)
         r = run_one(name, args)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dessilbi.config import load_config
+from dessilbi.config import ConfigError, load_config
 from dessilbi.models import build_model
 from dessilbi.train import CheckpointError, TrainingError, train
 
@@ -212,3 +212,8 @@ def test_on_disk_image_folder_trains_through_worker_loading(tmp_path: Path) -> N
     assert result.model.fc.out_features == 2  # type: ignore[union-attr]
     # Accuracy over 8 validation images is a multiple of 12.5 %.
     assert all(m["test_acc"] % 12.5 == 0 for m in lines)
+    # The in-memory augmentation keys do not apply to a folder read from disk.
+    crop = load_config(None, config.to_dict() | {"crop_padding": 2, "run_name": "crop"})
+    with pytest.raises(ConfigError, match="crop_padding and flip apply to in-memory data sets"):
+        train(crop, quiet=True)
+    assert not (tmp_path / "runs" / "crop").exists()

@@ -47,8 +47,8 @@ class TrainConfig:
         "data set's: 4 for CIFAR, 0 for MNIST and digits; 0 turns cropping off)"
     )
     flip: bool | None = _opt(
-        None, "random horizontal flips in training (default: the data set's: on for CIFAR, "
-        "off for digits and MNIST)"
+        None, "random horizontal flips in training of in-memory data sets (default: the data "
+        "set's: on for CIFAR, off for digits and MNIST)"
     )
     # model
     model: str = _opt("small_cnn", "model name (see dessilbi.models.available_models())")

@@ -427,6 +427,11 @@ def train(
     recorder = PathRecorder(model, optimizer) if isinstance(optimizer, DessiLBI) else None
     normalize = BatchAugment(info.mean, info.std)
     lazy = not isinstance(train_set, ImageDataset)
+    if lazy and (config.crop_padding is not None or config.flip is not None):
+        raise ConfigError(
+            f"crop_padding and flip apply to in-memory data sets; {config.dataset} is read "
+            "from disk with its own augmentation (random-resized crop and flip): leave them unset"
+        )
     augment = _training_augment(config, info) if not lazy else BatchAugment(info.mean, info.std)
     aug_gen = torch.Generator(device=device).manual_seed(config.seed * 7919 + dist_info.rank)
 
