@@ -1,11 +1,26 @@
-"""Helpers shared by the real-data benchmarks: reading a run's metrics and formatting numbers."""
+"""Helpers shared by the real-data benchmarks: common options, run metrics, number formatting."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 from typing import Any
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, epochs: int, data_dir: str, runs_dir: str, out: str
+) -> None:
+    """The options every real-data benchmark takes: budget, seed, threads and where files go."""
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: on a shared 2-core machine torch's "
+                        "default of 2 threads ran 3-5x slower)")
+    parser.add_argument("--data-dir", default=data_dir)
+    parser.add_argument("--runs-dir", default=runs_dir)
+    parser.add_argument("--out", type=Path, default=Path(out))
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

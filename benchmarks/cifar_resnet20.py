@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from _runs import fmt, mean_epoch_time, median_epoch_time, read_history
+from _runs import add_common_arguments, fmt, mean_epoch_time, median_epoch_time, read_history
 from dessilbi.config import load_config
 from dessilbi.train import train
 
@@ -170,15 +170,9 @@ def write_markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    add_common_arguments(parser, epochs=20, data_dir="../shared/data/cifar10-jpeg",
+                         runs_dir="runs/bench-cifar", out="benchmarks/results/cifar_resnet20.md")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: on a shared 2-core machine torch's "
-                        "default of 2 threads ran 3-5x slower)")
-    parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg")
-    parser.add_argument("--runs-dir", default="runs/bench-cifar")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar_resnet20.md"))
     parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from _runs import fmt, read_history
+from _runs import add_common_arguments, fmt, read_history
 from dessilbi.config import TrainConfig, load_config
 from dessilbi.data import load_dataset
 from dessilbi.models import build_model
@@ -339,14 +339,8 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: on a shared 2-core machine torch's "
-                        "default of 2 threads ran 3-5x slower)")
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--runs-dir", default="runs/bench-mnist")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist_lenet.md"))
+    add_common_arguments(parser, epochs=60, data_dir="../shared/data",
+                         runs_dir="runs/bench-mnist", out="benchmarks/results/mnist_lenet.md")
     parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS),
                         help="accuracy runs to do (none: only the speed measurement)")
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate without momentum")

@@ -432,7 +432,7 @@ def train(
             f"crop_padding and flip apply to in-memory data sets; {config.dataset} is read "
             "from disk with its own augmentation (random-resized crop and flip): leave them unset"
         )
-    augment = _training_augment(config, info) if not lazy else BatchAugment(info.mean, info.std)
+    augment = normalize if lazy else _training_augment(config, info)
     aug_gen = torch.Generator(device=device).manual_seed(config.seed * 7919 + dist_info.rank)
 
     start_epoch, step = 0, 0
