@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dessilbi.config import ConfigError, TrainConfig, builtin_configs, load_config
 from dessilbi.data import DATASET_NAMES
@@ -14,7 +15,9 @@ from dessilbi.models import available_models
 
 EXPECTED_CONFIGS = {
     "digits", "mnist_lenet5", "mnist_lenet5_sparse", "cifar10_vgg16_bn", "cifar10_resnet20",
-    "cifar10_resnet56", "imagenet_resnet18",
+    "cifar10_resnet56", "imagenet_resnet18", "cifar10_resnet56_ticket_group",
+    "cifar10_vgg16_bn_ticket_group", "cifar10_resnet50_ticket_lasso",
+    "cifar10_vgg16_bn_ticket_lasso",
 }
 
 
@@ -53,6 +56,51 @@ def test_paper_settings_of_the_mnist_config() -> None:
     assert (config.kappa, config.nu, config.lr, config.momentum) == (1.0, 20.0, 0.1, 0.9)
     assert (config.schedule, config.lr_step, config.lr_decay) == ("step", 20, 0.1)
     assert (config.epochs, config.batch_size) == (60, 128)
+
+
+# (model, conv structure, conv λ, conv scaling, linear λ, ν) of the reference ticket runs.
+REFERENCE_RUNS = {
+    "cifar10_resnet56_ticket_group": ("resnet56_bottleneck", "filter", 0.1, "sqrt_size", 1.0, 100),
+    "cifar10_vgg16_bn_ticket_group": ("vgg16_bn", "filter", 0.05, "sqrt_size", 1.0, 100),
+    "cifar10_resnet50_ticket_lasso": ("resnet50_cifar", "element", 0.05, "none", 0.05, 500),
+    "cifar10_vgg16_bn_ticket_lasso": ("vgg16_bn", "element", 0.03, "none", 0.03, 200),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_RUNS))
+def test_reference_ticket_configs_build_the_reference_optimizer(name: str) -> None:
+    from dessilbi.models import build_model
+    from dessilbi.train import build_optimizer
+
+    model_name, conv, conv_lam, scaling, linear_lam, nu = REFERENCE_RUNS[name]
+    config = load_config(name)
+    assert "Reproduces the reference code" in builtin_configs()[name].read_text()
+    assert (config.model, config.nu, config.lr, config.batch_size) == (model_name, nu, 0.1, 64)
+    assert (config.nesterov, config.momentum, config.weight_decay) == (True, 0.9, 1e-4)
+    assert (config.schedule, config.epochs) == ("constant", 200)
+    model = build_model(config.model, num_classes=10)
+    groups = build_optimizer(config, model).param_groups
+    convs = [g for g in groups if g["structure"] == conv and g["params"][0].dim() == 4]
+    linears = [g for g in groups if g["structure"] == "element" and g["params"][0].dim() == 2]
+    assert len(convs) == len(linears) == 1
+    assert (convs[0]["lam"], convs[0]["group_scaling"]) == (conv_lam, scaling)
+    assert (linears[0]["lam"], linears[0]["group_scaling"]) == (linear_lam, "none")
+    coupled = sum(p.numel() for g in convs + linears for p in g["params"])
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() > 1)
+    assert coupled == weights  # every conv and linear weight
+
+
+def test_mnist_config_scales_pixels_to_unit_range_only_as_the_paper() -> None:
+    from dessilbi.batches import input_normalization, training_augment
+    from dessilbi.data import dataset_info
+
+    config, info = load_config("mnist_lenet5"), dataset_info("mnist")
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    for transform in (training_augment(config, info, lazy=False),
+                      input_normalization(config, info)):
+        assert transform(pixels).flatten().tolist() == pytest.approx([0.0, 0.2, 1.0])
+    normalised = input_normalization(load_config("mnist_lenet5", {"normalize": True}), info)
+    assert normalised(pixels).flatten()[0] < 0
 
 
 def test_sparse_mnist_config_couples_only_conv3() -> None:
@@ -111,8 +159,11 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
 
 
 def test_augmentation_keys_override_the_data_set_defaults() -> None:
+    from dessilbi.batches import training_augment
     from dessilbi.data import dataset_info
-    from dessilbi.train import _training_augment
+
+    def _training_augment(config: TrainConfig, info: object) -> object:
+        return training_augment(config, info, lazy=False)  # type: ignore[arg-type]
 
     mnist, cifar = dataset_info("mnist"), dataset_info("cifar10")
     default = _training_augment(load_config(None, {"dataset": "mnist"}), mnist)

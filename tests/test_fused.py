@@ -9,7 +9,7 @@ seconds per graph), so there are few configurations and the tensors are those of
 
 from __future__ import annotations
 
-import importlib
+import copy
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+from dessilbi import DessiLBI
+from dessilbi.optim.functional import multi_tensor_dessilbi, single_tensor_dessilbi
 from dessilbi.optim.fused import (
     clear_fused_cache,
     fused_cache_size,
@@ -26,8 +28,7 @@ from dessilbi.optim.fused import (
     fused_dessilbi,
 )
 from dessilbi.optim.proximal import group_norms
-
-_impl = importlib.import_module("dessilbi.optim.optimizer")
+from naive_dessilbi import NaiveDessiLBI
 
 # Tiny tensors: one intra-op thread (conftest's fixture) is faster and immune to a busy machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,8 +162,8 @@ def test_fused_matches_eager_paths_without_recompiling(name: str) -> None:
     }
     impls = {
         "fused": fused_dessilbi,
-        "single": _impl._single_tensor_dessilbi,
-        "foreach": _impl._multi_tensor_dessilbi,
+        "single": single_tensor_dessilbi,
+        "foreach": multi_tensor_dessilbi,
     }
     grads = [
         _gradients(shapes, dtype, 100 + gi, _axis(hyper))
@@ -225,7 +226,7 @@ def test_fused_float32_matches_foreach() -> None:
         for k, grads in enumerate(_gradients(shapes, torch.float32, seed=1)[:10]):
             lr = LR if k < 5 else LR / 2
             fused.step(fused_dessilbi, grads, lr=lr, **hyper)
-            foreach.step(_impl._multi_tensor_dessilbi, grads, lr=lr, **hyper)
+            foreach.step(multi_tensor_dessilbi, grads, lr=lr, **hyper)
     assert not fused_compile_failed("cpu")
     assert fused_cache_size() == 1
     for got, want in zip(fused.tensors(), foreach.tensors(), strict=True):
@@ -239,7 +240,7 @@ def test_uncoupled_group_matches_foreach_without_compiling() -> None:
     fused, foreach = Run(shapes, torch.float64, seed=0), Run(shapes, torch.float64, seed=0)
     for grads in _gradients(shapes, torch.float64, seed=1)[:3]:
         fused.step(fused_dessilbi, grads, lr=LR, **hyper)
-        foreach.step(_impl._multi_tensor_dessilbi, grads, lr=LR, **hyper)
+        foreach.step(multi_tensor_dessilbi, grads, lr=LR, **hyper)
     assert fused_cache_size() == 0
     for got, want in zip(fused.tensors(), foreach.tensors(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -266,7 +267,7 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPat
         for k in range(6):
             for gi, (_, hyper) in enumerate(groups):
                 fused[gi].step(fused_dessilbi, grads[gi][k], lr=LR, **hyper)
-                single[gi].step(_impl._single_tensor_dessilbi, grads[gi][k], lr=LR, **hyper)
+                single[gi].step(single_tensor_dessilbi, grads[gi][k], lr=LR, **hyper)
 
     messages = [str(w.message) for w in caught if "fused DessiLBI" in str(w.message)]
     assert len(messages) == 1
@@ -309,3 +310,160 @@ def test_optimizer_option_fused_selects_the_compiled_path() -> None:
             torch.testing.assert_close(fused.state[p]["gamma"], plain.state[q]["gamma"],
                                        rtol=1e-10, atol=1e-12)
             assert torch.equal(fused.state[p]["gamma"] != 0, plain.state[q]["gamma"] != 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused path through the optimizer, against the literal oracle of DESIGN.md section 1
+
+
+class BranchNet(nn.Module):
+    """conv1 3→8 → tanh → conv2a 8→8 (+ conv2b 8→8 when ``use_b``) → tanh → fc 32→3.
+
+    conv2b is left out of the forward on some steps: its gradients are None there.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2a = nn.Conv2d(8, 8, 3)
+        self.conv2b = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool = True) -> torch.Tensor:
+        h = torch.tanh(self.conv1(x))
+        z = self.conv2a(h)
+        if use_b:
+            z = z + self.conv2b(h)
+        return self.fc(torch.tanh(z).flatten(1))
+
+
+ORACLE_STEPS = 16
+# Every coupled group gets momentum, Nesterov and weight decay.
+ORACLE_SHARED: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
+
+
+def branch_groups(net: BranchNet) -> list[dict[str, Any]]:
+    """Filter groups over conv1 and conv2b, channel groups over conv2a (with ``sqrt_size``),
+    the fc weight under the element structure, the biases uncoupled."""
+    return [
+        {"params": [net.conv1.weight, net.conv2b.weight], "structure": "filter", "lam": 0.8,
+         "nu": 0.5, **ORACLE_SHARED},
+        {"params": [net.conv2a.weight], "structure": "channel", "group_scaling": "sqrt_size",
+         "lam": 0.2, "nu": 0.5, **ORACLE_SHARED},
+        {"params": [net.fc.weight], "structure": "element", "lam": 0.3, "nu": 1.0,
+         **ORACLE_SHARED},
+        {"params": [m.bias for m in (net.conv1, net.conv2a, net.conv2b, net.fc)],
+         "structure": None, **ORACLE_SHARED},
+    ]
+
+
+def make_branch_net(memory_format: torch.memory_format) -> BranchNet:
+    """A float64 BranchNet whose coupled groups differ in size by orders of magnitude (so some
+    enter the support within the run and others don't), conv weights in ``memory_format``."""
+    torch.manual_seed(0)
+    net = BranchNet().double()
+    with torch.no_grad():
+        for weight, axis in ((net.conv1.weight, 0), (net.conv2b.weight, 0), (net.conv2a.weight, 1)):
+            n = weight.shape[axis]
+            scale = torch.logspace(-2, 0.7, n, dtype=torch.float64)
+            weight.mul_(scale.reshape([n if d == axis else 1 for d in range(weight.dim())]))
+        net.fc.weight.mul_(torch.linspace(0.1, 6.0, 32, dtype=torch.float64))
+    for conv in (net.conv1, net.conv2a, net.conv2b):
+        conv.weight.data = conv.weight.data.to(memory_format=memory_format)
+    return net
+
+
+def branch_grads(net: BranchNet, x: torch.Tensor, y: torch.Tensor, k: int) -> None:
+    """Gradients of step ``k``: conv2b unused on every third step (from step 0, so its first
+    gradient comes late), fc.weight's gradient dropped by hand on steps 2, 7, 12."""
+    net.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(net(x, use_b=k % 3 != 0), y).backward()
+    if k % 5 == 2:
+        net.fc.weight.grad = None
+
+
+def assert_matches_oracle(
+    net: BranchNet, opt: DessiLBI, ref: BranchNet, oracle: NaiveDessiLBI, step: int
+) -> None:
+    for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"W of {name}, step {step}")
+        state, ref_state = opt.state.get(p, {}), oracle.state.get(q, {})
+        assert set(state) == set(ref_state), f"state keys of {name}, step {step}"
+        for key, value in ref_state.items():
+            torch.testing.assert_close(
+                state[key], value, rtol=1e-10, atol=1e-12, msg=f"{key} of {name}, step {step}"
+            )
+        if "gamma" in ref_state:
+            assert torch.equal(state["gamma"] != 0, ref_state["gamma"] != 0), name
+
+
+@pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "nhwc"]
+)
+def test_fused_optimizer_matches_oracle(memory_format: torch.memory_format) -> None:
+    """``DessiLBI(..., fused=True)`` follows the oracle step by step (W, V, Γ, momentum buffers;
+    rtol 1e-10) under the filter, channel and element structures with Nesterov momentum and
+    weight decay, with gradients that are None on some steps, and with channels-last conv
+    weights. A parameter without a gradient is skipped entirely, also while the rest of its
+    group runs the compiled step: its W, V, Γ and momentum buffer stay bitwise as they were."""
+    net = make_branch_net(memory_format)
+    ref = copy.deepcopy(net)
+    opt = DessiLBI(branch_groups(net), fused=True)
+    oracle = NaiveDessiLBI(branch_groups(ref))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    convs = [net.conv1.weight, net.conv2a.weight, net.conv2b.weight]
+    skipped_with_state = 0  # steps on which conv2b, with V, Γ and a buffer, had no gradient
+    for k in range(ORACLE_STEPS):
+        branch_grads(net, x, y, k)
+        branch_grads(ref, x, y, k)
+        for w in convs:
+            assert w.is_contiguous(memory_format=memory_format)
+            assert w.grad is None or w.grad.is_contiguous(memory_format=memory_format)
+        idle = [p for p in net.parameters() if p.grad is None]
+        before = {id(p): [p.clone(), *(t.clone() for t in opt.state[p].values())] for p in idle}
+        skipped_with_state += any(p is net.conv2b.weight for p in idle) and bool(
+            opt.state[net.conv2b.weight]
+        )
+        opt.step()
+        oracle.step()
+        for p in idle:
+            after = [p, *opt.state[p].values()]
+            assert all(torch.equal(a, b) for a, b in zip(after, before[id(p)], strict=True))
+        assert_matches_oracle(net, opt, ref, oracle, k)
+
+    assert not fused_compile_failed("cpu")
+    # filter (conv1 + conv2b), filter (conv1 alone: the steps without conv2b's gradient ran
+    # compiled), channel and element: four signatures.
+    assert fused_cache_size() == 4
+    assert skipped_with_state == 5  # steps 3, 6, 9, 12 and 15
+    for w in convs:  # V, Γ and the buffer keep the weights' layout
+        assert all(t.is_contiguous(memory_format=memory_format) for t in opt.state[w].values())
+    # The run is informative: in every coupled group some groups of Γ are selected, some not.
+    for group in opt.param_groups[:3]:
+        norms = torch.cat([group_norms(opt.state[p]["gamma"], group["structure"])
+                           for p in group["params"]])
+        assert 0 < int((norms > 0).sum()) < norms.numel(), group["structure"]
+
+
+def test_optim_imports_go_one_way() -> None:
+    """proximal <- functional <- fused <- optimizer: no module imports one after it (the fused
+    module used to import the optimizer's foreach step while the optimizer imported it back)."""
+    import ast
+    from pathlib import Path
+
+    import dessilbi.optim
+
+    order = ["proximal", "functional", "fused", "optimizer"]
+    root = Path(dessilbi.optim.__file__).parent
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {
+            node.module.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module is not None
+            and node.module.startswith("dessilbi")
+        }
+        assert imported <= set(order[:i]), f"{name} imports {imported - set(order[:i])}"

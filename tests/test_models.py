@@ -15,6 +15,8 @@ from torch import nn
 from dessilbi.models import (
     VGG,
     BasicBlock,
+    Bottleneck,
+    CifarBottleneckResNet,
     CifarResNet,
     ImageNetResNet,
     LeNet5,
@@ -32,6 +34,8 @@ EXPECTED_NAMES = {
     "resnet20",
     "resnet32",
     "resnet56",
+    "resnet56_bottleneck",
+    "resnet50_cifar",
     "resnet18",
     "resnet50",
 }
@@ -67,6 +71,23 @@ def cifar_resnet_formula(depth: int, widths: tuple[int, int, int], num_classes: 
                 total += conv(1, c_in, w) + bn(w)
             c_in = w
     return total + linear(widths[-1], num_classes)
+
+
+def cifar_bottleneck_resnet_formula(
+    depth: int, widths: tuple[int, int, int], num_classes: int
+) -> int:
+    """Parameter count of a CIFAR ResNet-(9n+2) of bottleneck blocks (1x1, 3x3, 1x1 x4)."""
+    n = (depth - 2) // 9
+    total = conv(3, 3, widths[0]) + bn(widths[0])  # stem
+    c_in = widths[0]
+    for w in widths:
+        for _ in range(n):
+            total += conv(1, c_in, w) + bn(w) + conv(3, w, w) + bn(w) + conv(1, w, 4 * w)
+            total += bn(4 * w)
+            if c_in != 4 * w:  # projection in each stage's first block (stage 1: 16 -> 64)
+                total += conv(1, c_in, 4 * w) + bn(4 * w)
+            c_in = 4 * w
+    return total + linear(4 * widths[-1], num_classes)
 
 
 def conv_out_channels(model: nn.Module) -> list[int]:
@@ -125,6 +146,24 @@ def test_only_standard_parameterised_modules(name: str) -> None:
     assert any(isinstance(m, nn.ReLU) for m in model.modules())
 
 
+def test_available_models_lists_the_dessilbi_cifar_resnets() -> None:
+    names = available_models()
+    for name in ("resnet56", "resnet56_bottleneck", "resnet50_cifar", "resnet50"):
+        assert name in names
+        assert natural_input_shape(name) == ((3, 224, 224) if name == "resnet50" else (3, 32, 32))
+
+
+def test_resnet_descriptions_are_unambiguous() -> None:
+    from dessilbi.models.registry import _REGISTRY
+
+    assert "basic blocks" in _REGISTRY["resnet56"].description
+    assert "pruning code" in _REGISTRY["resnet56"].description
+    assert "bottleneck blocks" in _REGISTRY["resnet56_bottleneck"].description
+    assert "ticket code" in _REGISTRY["resnet56_bottleneck"].description
+    assert "basic blocks" in _REGISTRY["resnet50_cifar"].description
+    assert "ImageNet" in _REGISTRY["resnet50"].description
+
+
 def test_natural_input_shapes() -> None:
     assert natural_input_shape("lenet5") == (1, 28, 28)
     assert natural_input_shape("small_cnn") == (1, 8, 8)
@@ -171,6 +210,35 @@ def test_resnet20_exact_parameter_count() -> None:
 def test_deeper_cifar_resnets_match_formula(depth: int) -> None:
     model = build_model(f"resnet{depth}", num_classes=100)
     assert n_params(model) == cifar_resnet_formula(depth, (16, 32, 64), 100)
+
+
+def test_resnet56_bottleneck_exact_parameter_count() -> None:
+    formula = cifar_bottleneck_resnet_formula(56, (16, 32, 64), 10)
+    # Hand total: stem 464 + stages 27,648 / 113,152 / 447,488 + fc 2,570.
+    assert formula == 591_322
+    model = build_model("resnet56_bottleneck")
+    assert isinstance(model, CifarBottleneckResNet)
+    assert n_params(model) == formula
+    model100 = build_model("resnet56_bottleneck", num_classes=100)
+    assert n_params(model100) == cifar_bottleneck_resnet_formula(56, (16, 32, 64), 100)
+
+
+def test_resnet50_cifar_exact_parameter_count() -> None:
+    formula = cifar_resnet_formula(50, (16, 32, 64), 10)
+    assert formula == 758_554
+    model = build_model("resnet50_cifar")
+    assert isinstance(model, CifarResNet)
+    assert n_params(model) == formula
+
+
+@pytest.mark.parametrize("name", ["resnet56_bottleneck", "resnet50_cifar"])
+def test_dessilbi_cifar_resnets_output_shape(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize(
@@ -242,6 +310,24 @@ def test_cifar_resnet_widths_override() -> None:
         build_model("resnet56", widths=(16, 0, 64))
 
 
+def test_cifar_bottleneck_resnet_widths_override() -> None:
+    model = build_model("resnet56_bottleneck", num_classes=3, widths=(8, 12, 20))
+    assert isinstance(model, CifarBottleneckResNet)
+    assert model.widths == [8, 12, 20]
+    assert model.conv1.out_channels == 8
+    for stage, width in zip((model.layer1, model.layer2, model.layer3), (8, 12, 20), strict=True):
+        for block in stage:
+            assert isinstance(block, Bottleneck)
+            assert block.conv2.out_channels == width
+            assert block.conv3.out_channels == 4 * width
+    assert model.fc.in_features == 80
+    assert n_params(model) == cifar_bottleneck_resnet_formula(56, (8, 12, 20), 3)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError):
+        build_model("resnet56_bottleneck", widths=(16, 32))
+
+
 def test_imagenet_resnet_widths_override() -> None:
     model = build_model("resnet50", widths=(8, 16, 24, 32))
     assert isinstance(model, ImageNetResNet)
@@ -265,6 +351,60 @@ def test_resnet_blocks_have_pruning_friendly_attributes() -> None:
     for proj in projections:
         assert isinstance(proj[0], nn.Conv2d) and isinstance(proj[1], nn.BatchNorm2d)
         assert proj[0].kernel_size == (1, 1) and proj[0].stride == (2, 2)
+
+
+def test_resnet56_bottleneck_structure() -> None:
+    model = build_model("resnet56_bottleneck")
+    assert isinstance(model, CifarBottleneckResNet)
+    assert (model.depth, model.blocks_per_stage, model.widths) == (56, 6, [16, 32, 64])
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.out_channels == 16
+    stages = (model.layer1, model.layer2, model.layer3)
+    for stage, planes, stride in zip(stages, (16, 32, 64), (1, 2, 2), strict=True):
+        assert len(stage) == 6
+        assert all(isinstance(block, Bottleneck) for block in stage)
+        first = stage[0]
+        # The stride sits on the 3x3 conv; the first block of every stage projects.
+        assert first.conv1.stride == (1, 1) and first.conv2.stride == (stride, stride)
+        assert first.conv3.out_channels == 4 * planes
+        proj = first.shortcut
+        assert isinstance(proj[0], nn.Conv2d) and isinstance(proj[1], nn.BatchNorm2d)
+        assert proj[0].kernel_size == (1, 1) and proj[0].stride == (stride, stride)
+        assert all(len(block.shortcut) == 0 for block in stage[1:])
+    assert sum(isinstance(m, Bottleneck) for m in model.modules()) == 18
+    # Depth counts the stem, 3 convs per block and the classifier, not the 3 projections.
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert n_convs - 3 + 1 == 56
+    assert model.fc.in_features == 256
+
+
+def test_resnet50_cifar_structure() -> None:
+    model = build_model("resnet50_cifar")
+    assert isinstance(model, CifarResNet) and not isinstance(model, ImageNetResNet)
+    assert (model.depth, model.blocks_per_stage) == (50, 8)
+    for stage in (model.layer1, model.layer2, model.layer3):
+        assert len(stage) == 8
+        assert all(isinstance(block, BasicBlock) for block in stage)
+    assert model.fc.in_features == 64
+    assert build_model("resnet56").blocks_per_stage == 9
+
+
+@pytest.mark.parametrize("depth", [0, 2, 10, 12, 50, 55, 57, 164.0, True])
+def test_bottleneck_depth_must_be_9n_plus_2(depth: int) -> None:
+    with pytest.raises(ValueError, match="9n\\+2|integer"):
+        CifarBottleneckResNet(depth)
+
+
+@pytest.mark.parametrize("depth", [0, 2, 11, 29, 55, 56.0])
+def test_basic_depth_must_be_6n_plus_2(depth: int) -> None:
+    with pytest.raises(ValueError, match="6n\\+2|integer"):
+        CifarResNet(depth)
+
+
+def test_smallest_bottleneck_depth_builds() -> None:
+    model = CifarBottleneckResNet(11, num_classes=4, image_size=8)
+    assert model.blocks_per_stage == 1
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
 
 
 def test_identity_shortcut_adds_input() -> None:
@@ -308,7 +448,9 @@ def test_lenet5_rejects_too_small_input() -> None:
 # --- initialisation and determinism -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lenet5", "vgg16_bn", "resnet20", "small_cnn", "mlp"])
+@pytest.mark.parametrize(
+    "name", ["lenet5", "vgg16_bn", "resnet20", "resnet56_bottleneck", "small_cnn", "mlp"]
+)
 def test_same_seed_gives_identical_weights(name: str) -> None:
     c, h, _ = natural_input_shape(name)
     torch.manual_seed(123)

@@ -15,7 +15,7 @@ import copy
 import io
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -418,6 +418,159 @@ def test_state_dict_resume_with_structured_groups() -> None:
         assert set(opt_straight.state[p]) == set(opt_second.state[q])
         for key in opt_straight.state[p]:
             assert torch.equal(opt_straight.state[p][key], opt_second.state[q][key])
+
+
+class TwoConv(nn.Module):
+    """Two conv layers of one shape, (4, 4, 3, 3): a swap of their state would go unnoticed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3)
+        self.b = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x))).flatten(1)
+
+
+def two_conv_groups(
+    model: TwoConv, layout: list[list[str]], structures: list[str], names: bool = True
+) -> list[dict[str, Any]]:
+    """One param group per entry of ``layout`` (weight names in order), optionally named."""
+    groups = []
+    for members, structure in zip(layout, structures, strict=True):
+        group: dict[str, Any] = {
+            "params": [model.get_parameter(n) for n in members],
+            "structure": structure,
+        }
+        if names:
+            group["param_names"] = list(members)
+        groups.append(group)
+    return groups
+
+
+def trained_two_conv(
+    layout: list[list[str]], structures: list[str], names: bool = True, steps: int = 4
+) -> tuple[TwoConv, DessiLBI]:
+    """A TwoConv (float64) after a few momentum steps, with V, Γ and buffers that differ per
+    tensor."""
+    torch.manual_seed(11)
+    model = TwoConv().to(F64)
+    opt = DessiLBI(
+        two_conv_groups(model, layout, structures, names), lr=0.1, nu=0.5, lam=0.05, momentum=0.9
+    )
+    x = torch.randn(6, 4, 7, 7, generator=torch.Generator().manual_seed(12), dtype=F64)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def saved_state(opt: DessiLBI) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return cast(dict[str, Any], torch.load(buffer, weights_only=True))
+
+
+def assert_load_refused(
+    opt: DessiLBI, state_dict: dict[str, Any], *fragments: str
+) -> None:
+    """``load_state_dict`` raises a ValueError whose message holds ``fragments`` and leaves the
+    optimizer's groups and state exactly as they were."""
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="cannot load the optimizer state") as info:
+        opt.load_state_dict(state_dict)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, state in before["state"].items():
+        assert state.keys() == after["state"][i].keys()
+        for key, value in state.items():
+            assert torch.equal(value, after["state"][i][key])
+
+
+@pytest.mark.parametrize("names", [True, False])
+def test_load_state_dict_into_swapped_groups_is_refused(names: bool) -> None:
+    """Two groups of equal-shaped tensors, loaded in swapped order: with param names the names
+    differ; without them the groups' structures do. Either way a ValueError, nothing changed
+    (torch's own load maps state by position and would swap V and Γ silently)."""
+    _, opt_saved = trained_two_conv([["a.weight"], ["b.weight"]], ["filter", "channel"], names)
+    # The target has state of its own (and another lr), which must survive the refused load.
+    _, opt = trained_two_conv([["b.weight"], ["a.weight"]], ["channel", "filter"], names, 2)
+    for group in opt.param_groups:
+        group["lr"] = 0.05
+    if names:
+        fragments = ["'b.weight' (group 0, index 0)", "saved for 'a.weight'"]
+    else:
+        fragments = ["param group 0 has structure 'channel'", "the saved group 'filter'"]
+    assert_load_refused(opt, saved_state(opt_saved), *fragments)
+
+
+def test_load_state_dict_with_reordered_names_is_refused() -> None:
+    """Within one group, the same parameters in another order: ValueError naming both."""
+    _, opt_saved = trained_two_conv([["a.weight", "b.weight"]], ["filter"])
+    _, opt = trained_two_conv([["b.weight", "a.weight"]], ["filter"])
+    assert_load_refused(
+        opt, saved_state(opt_saved), "'b.weight' (group 0, index 0)", "saved for 'a.weight'"
+    )
+
+
+@pytest.mark.parametrize("names", [True, False])
+def test_load_state_dict_with_other_shapes_is_refused(names: bool) -> None:
+    """A checkpoint of a network with other layer widths: the same names (or none), the state
+    tensors of other shapes than the parameters they would be assigned to."""
+
+    def make(widths: tuple[int, int]) -> DessiLBI:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, widths[0], 3), nn.Conv2d(widths[0], widths[1], 3))
+        net.to(F64)
+        groups = dessilbi.structured_param_groups(net)
+        if not names:
+            for group in groups:
+                del group["param_names"]
+        opt = DessiLBI(groups, lr=0.1, nu=0.5, momentum=0.9)
+        net(torch.randn(2, 3, 6, 6, dtype=F64)).sum().backward()
+        opt.step()
+        return opt
+
+    saved = saved_state(make((8, 16)))
+    label = "parameter '0.weight' (group 0, index 0)" if names else "parameter (group 0, index 0)"
+    assert_load_refused(
+        make((16, 8)), saved, f"'v' of {label} has shape (8, 3, 3, 3)", "shape (16, 3, 3, 3)"
+    )
+
+
+def test_load_state_dict_checks_after_pre_hooks_which_run_once() -> None:
+    """A load-state-dict pre-hook (torch's way to remap a checkpoint) runs once, before the
+    check: here it reorders a checkpoint saved with the groups swapped, and the load then
+    continues bitwise like an uninterrupted run."""
+    layout, structures = [["a.weight"], ["b.weight"]], ["filter", "channel"]
+    straight, opt_straight = trained_two_conv(layout, structures, steps=8)
+    swapped, opt_swapped = trained_two_conv(layout[::-1], structures[::-1], steps=4)
+    saved = saved_state(opt_swapped)
+    model, opt = trained_two_conv(layout, structures, steps=0)
+    model.load_state_dict(swapped.state_dict())
+    calls = []
+
+    def swap_back(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        calls.append(1)
+        state_dict["param_groups"] = state_dict["param_groups"][::-1]
+
+    opt.register_load_state_dict_pre_hook(swap_back)
+    opt.load_state_dict(saved)
+    assert len(calls) == 1
+    x = torch.randn(6, 4, 7, 7, generator=torch.Generator().manual_seed(12), dtype=F64)
+    for _ in range(4):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for p, q in zip(model.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt_straight.state[q].items():
+            assert torch.equal(value, opt.state[p][key]), key
 
 
 # ---------------------------------------------------------------------------------------------

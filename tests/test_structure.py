@@ -134,9 +134,12 @@ def test_structure_and_decay_by_layer_type(name: str) -> None:
 def test_zoo_roles_in_detail() -> None:
     """The hand-made model, parameter by parameter."""
     model = Zoo()
-    where = group_of(structured_param_groups(model, conv="channel", linear="filter"))
+    # conv3d is depthwise: the channel structure is refused on it, so it is excluded here.
+    where = group_of(
+        structured_param_groups(model, conv="channel", linear="filter", exclude=("conv3d",))
+    )
     assert where[id(model.conv1d.weight)]["structure"] == "channel"
-    assert where[id(model.conv3d.weight)]["structure"] == "channel"
+    assert where[id(model.conv3d.weight)]["structure"] is None
     assert where[id(model.proj.weight)]["structure"] == "filter"
     assert where[id(model.fc_mid.weight)]["structure"] == "filter"
     for p in (
@@ -267,3 +270,39 @@ def test_exclude_patterns_work_on_a_wrapped_model() -> None:
     assert where[id(model.fc1.weight)]["structure"] is None
     assert where[id(model.fc2.weight)]["structure"] is None
     assert where[id(model.conv1.weight)]["structure"] == "filter"
+
+
+def grouped_net() -> nn.Sequential:
+    """A dense conv, a grouped conv (groups=2) and a depthwise conv (groups=8)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def test_channel_structure_is_refused_on_grouped_convolutions() -> None:
+    """conv="channel" on a grouped or depthwise conv raises ValueError naming the layer (the
+    depthwise weight [8, 1, 3, 3] would be ONE "channel" group; a grouped conv's W[:, j] mixes
+    input channel j of every group), also through DataParallel (names without "module.");
+    excluded, the grouped convs are fine, and "filter" / "element" stay allowed on them."""
+    model = grouped_net()
+    assert model[3].weight.shape == (8, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"^2 \(Conv2d groups=2\): channel structure needs "
+                                         r"groups=1; use conv='filter' or exclude it$"):
+        structured_param_groups(model, conv="channel")
+    with pytest.raises(ValueError, match=r"^3 \(Conv2d groups=8\)"):
+        structured_param_groups(model, conv="channel", exclude=("2",))
+    features = nn.Sequential()
+    features.add_module("features", model)
+    with pytest.raises(ValueError, match=r"^features\.2 \(Conv2d groups=2\)"):
+        structured_param_groups(nn.DataParallel(features), conv="channel")
+    where = group_of(structured_param_groups(model, conv="channel", exclude=("2", "3")))
+    assert where[id(model[0].weight)]["structure"] == "channel"
+    assert where[id(model[2].weight)]["structure"] is None
+    for structure in ("filter", "element"):
+        where = group_of(structured_param_groups(model, conv=structure))
+        assert [where[id(model[i].weight)]["structure"] for i in (0, 2, 3)] == [structure] * 3

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from dessilbi.config import ConfigError, load_config
 from dessilbi.models import build_model
@@ -33,7 +34,8 @@ def test_run_directory_holds_config_metrics_path_and_weights(tmp_path: Path) -> 
     config = load_config("digits", {**QUICK, "out": str(tmp_path)})
     result = train(config, quiet=True)
     run = result.run_dir
-    assert run == tmp_path / "digits-small_cnn-dessilbi-nu5-seed0"
+    assert run == tmp_path / config.default_run_name
+    assert run.name.startswith("digits-small_cnn-dessilbi-nu5-seed0-")
     assert load_config(run / "config.yaml") == config
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -92,7 +94,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-epoch"
-    run = out / "digits-small_cnn-dessilbi-nu5-seed0"
+    run = next(out.iterdir())
     assert not (run / "model.pt").exists()
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
@@ -116,6 +118,14 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
     strip = [{k: v for k, v in m.items() if k != "epoch_time"} for m in metrics_a]
     assert strip == [{k: v for k, v in m.items() if k != "epoch_time"} for m in metrics_b]
     assert reference  # the uninterrupted run printed its summary too
+    # The recorded path too, entry steps included.
+    path_a = torch.load(tmp_path / "whole" / run.name / "path.pt", weights_only=True)
+    path_b = torch.load(run / "path.pt", weights_only=True)
+    assert path_a.keys() == path_b.keys()
+    for key in ("entry_step", "entry_epoch", "group_norms", "support"):
+        for name in path_a["names"]:
+            assert torch.equal(path_a[key][name], path_b[key][name]), (key, name)
+    assert path_a["epochs"].tolist() == path_b["epochs"].tolist() == [1, 2, 3]
 
 
 def test_rerun_of_a_finished_run_reports_it_and_other_config_is_refused(tmp_path: Path) -> None:
@@ -217,3 +227,190 @@ def test_on_disk_image_folder_trains_through_worker_loading(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="crop_padding and flip apply to in-memory data sets"):
         train(crop, quiet=True)
     assert not (tmp_path / "runs" / "crop").exists()
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+def test_every_run_file_is_written_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file reaches its name by a rename of a complete temporary file."""
+    import dessilbi.run_files as run_files
+
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        assert Path(src).name.startswith(".") and Path(src).parent == Path(dst).parent
+        renamed.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(run_files.os, "replace", replace)
+    config = load_config("digits", {**QUICK, "out": str(tmp_path)})
+    run = train(config, quiet=True).run_dir
+    written = {p.name for p in run.iterdir()}
+    assert written == {"config.yaml", "init.pt", "metrics.jsonl", "path.pt", "checkpoint.pt",
+                       "model.pt"}
+    assert written <= set(renamed)
+    assert renamed.count("metrics.jsonl") == 1 + config.epochs  # empty at the start, per epoch
+    assert renamed.count("path.pt") == config.epochs  # once per epoch
+
+
+def test_no_augment_reaches_on_disk_image_folders(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dessilbi.batches import load_run_data
+    from dessilbi.distributed import DistInfo
+
+    for split in ("train", "val"):
+        folder = tmp_path / split / "cat"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (40, 48)).save(folder / "0.png")
+    base = {"data_dir": str(tmp_path), "model": "small_cnn"}
+    augmented, _ = load_run_data(load_config("imagenet_resnet18", base), DistInfo())
+    plain, test = load_run_data(load_config("imagenet_resnet18", {**base, "augment": False}),
+                                DistInfo())
+    assert augmented.train is True  # type: ignore[union-attr]
+    assert plain.train is False and test.train is False  # type: ignore[union-attr]
+
+
+def test_cosine_schedule_length_is_part_of_the_config(tmp_path: Path) -> None:
+    """Extending a cosine run is refused unless the new schedule length is asked for."""
+    from dessilbi.cli import _resume_config
+
+    config = load_config("digits", {"epochs": 2, "schedule": "cosine", "optimizer": "sgd",
+                                    "out": str(tmp_path)})
+    assert config.schedule_epochs == 2
+    run = train(config, quiet=True).run_dir
+    assert load_config(run / "config.yaml").schedule_epochs == 2
+    with pytest.raises(ConfigError, match=r"epochs: 4 exceed the cosine schedule's "
+                       r"schedule_epochs 2.*--schedule-epochs 4"):
+        _resume_config(run, {"epochs": 4})
+    # Rerunning the command with more epochs is another run (another schedule): refused.
+    longer = load_config("digits", {"epochs": 4, "schedule": "cosine", "optimizer": "sgd",
+                                    "out": str(tmp_path), "run_name": run.name})
+    with pytest.raises(TrainingError, match="schedule_epochs: 2 -> 4"):
+        train(longer, quiet=True)
+    # Asked for explicitly: the first two epochs keep their lr, the rest follow the new curve.
+    stretched = train(_resume_config(run, {"epochs": 4, "schedule_epochs": 4}),
+                      resume_dir=run, quiet=True)
+    lrs = [json.loads(x)["lr"] for x in (stretched.run_dir / "metrics.jsonl").read_text()
+           .splitlines()]
+    import math
+
+    assert lrs[:2] == pytest.approx([0.1, 0.05])
+    assert lrs[2:] == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (2, 3)])
+    assert load_config(run / "config.yaml").schedule_epochs == 4
+    with pytest.raises(ConfigError, match="schedule_epochs.*cosine"):
+        load_config("digits", {"schedule_epochs": 5})
+
+
+def test_every_seed_and_epoch_has_its_own_data_streams() -> None:
+    """(seed s, epoch e+1) used to repeat (seed s+1, epoch e) in the loader workers."""
+    from dessilbi.batches import stream_seed
+
+    for purpose in ("loader", "order"):
+        seeds = {stream_seed(s, e, purpose) for s in range(30) for e in range(30)}
+        assert len(seeds) == 900
+    assert stream_seed(0, 1, "loader") != stream_seed(1, 0, "loader")
+    assert stream_seed(0, 1, "loader") != stream_seed(0, 1, "order")
+
+
+def test_default_run_names_differ_across_a_sweep() -> None:
+    base = load_config("digits")
+    sweep = [load_config("digits", {key: value}) for key, value in (
+        ("lam", 2.0), ("lam", 3.0), ("lr", 0.05), ("conv_structure", "channel"),
+        ("linear_structure", "element"), ("kappa", 2.0), ("conv_lam", 0.5),
+        ("precision", "bf16"), ("weight_decay", 1e-4),
+    )]
+    names = {c.default_run_name for c in [base, *sweep]}
+    assert len(names) == 1 + len(sweep)
+    assert all(n.startswith("digits-small_cnn-dessilbi-nu70-seed0-") for n in names)
+    # Where and how long a run goes does not make it another run.
+    same = load_config("digits", {"epochs": 60, "out": "elsewhere", "device": "cpu",
+                                  "workers": 1, "eval_batch_size": 10})
+    assert same.default_run_name == base.default_run_name
+
+
+def test_per_layer_type_lambda_and_group_scaling() -> None:
+    from dessilbi.train import build_optimizer
+
+    config = load_config("digits", {"conv_lam": 0.1, "linear_lam": 1.0, "lam": 7.0,
+                                    "conv_group_scaling": "sqrt_size",
+                                    "linear_structure": "element"})
+    model = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8)
+    groups = {g["structure"]: g for g in build_optimizer(config, model).param_groups}
+    assert (groups["filter"]["lam"], groups["filter"]["group_scaling"]) == (0.1, "sqrt_size")
+    assert (groups["element"]["lam"], groups["element"]["group_scaling"]) == (1.0, "none")
+    default = build_optimizer(load_config("digits", {"lam": 7.0}), model)
+    assert {g["lam"] for g in default.param_groups if g["structure"]} == {7.0}
+
+
+def test_bf16_channels_last_trains_with_float32_state(tmp_path: Path) -> None:
+    config = load_config("digits", {"epochs": 2, "precision": "bf16", "channels_last": True,
+                                    "nu": 5, "out": str(tmp_path)})
+    result = train(config, quiet=True)
+    assert result.test_acc > 60
+    assert result.model is not None and result.optimizer is not None
+    conv = result.model.conv2.weight  # type: ignore[union-attr]
+    assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
+    state = result.optimizer.state[conv]
+    for key in ("v", "gamma", "momentum_buffer"):
+        assert state[key].dtype == torch.float32, key
+        assert state[key].is_contiguous(memory_format=torch.channels_last), key
+    # Against fp32 the run differs only by rounding: the same accuracy within a few points.
+    fp32 = train(load_config("digits", {"epochs": 2, "nu": 5, "out": str(tmp_path)}), quiet=True)
+    assert abs(fp32.test_acc - result.test_acc) < 5
+
+
+def test_fp16_steps_skipped_by_the_gradient_scaler_leave_w_v_and_gamma_unchanged() -> None:
+    from dessilbi.numerics import gradient_scaler
+    from dessilbi.optim import DessiLBI
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = DessiLBI([{"params": [model.weight], "structure": "filter"},
+                    {"params": [model.bias], "structure": None}], lr=0.1, nu=0.5, lam=0.01,
+                   momentum=0.9)
+    scaler = gradient_scaler("fp16", torch.device("cpu"))
+    assert scaler.is_enabled()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def step(inputs: torch.Tensor = x) -> None:
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(model(inputs), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step()
+    step()
+    before = [model.weight.detach().clone(), *(t.clone() for t in opt.state[model.weight].values())]
+    scaler.update(3e38)  # the next step's scaled gradients overflow: it is skipped
+    step(x * 1e3)
+    after = [model.weight, *opt.state[model.weight].values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert scaler.get_scale() == pytest.approx(1.5e38)  # and the scale was lowered
+    scaler.update(2.0**8)
+    step()
+    assert not torch.equal(model.weight, before[0])
+    assert int((opt.state[model.weight]["gamma"].norm(dim=1) > 0).sum()) > 0
+
+
+def test_subnormals_are_flushed_while_training_on_cpu_and_only_then(tmp_path: Path) -> None:
+    from dessilbi.callbacks import Callback
+
+    class Probe(Callback):
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def on_step_end(self, run: object) -> None:
+            self.seen.append(float(torch.tensor([1e-39]) * 1.0))
+
+    flushed, kept = Probe(), Probe()
+    base = {"epochs": 1, "optimizer": "sgd", "out": str(tmp_path)}
+    train(load_config("digits", base), quiet=True, callbacks=[flushed])
+    train(load_config("digits", {**base, "flush_denormal": False}), quiet=True, callbacks=[kept])
+    assert set(flushed.seen) == {0.0}
+    assert kept.seen and all(v > 0 for v in kept.seen)
+    assert float(torch.tensor([1e-39]) * 1.0) > 0  # switched off again after the run

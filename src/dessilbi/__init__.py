@@ -1,32 +1,51 @@
 """dessilbi: structural sparsity of deep networks via inverse scale spaces (DessiLBI).
 
 The public surface: the :class:`DessiLBI` optimizer, :func:`structured_param_groups` to build its
-param groups from any model, and read-outs of the sparse structure along the path.
+param groups from any model, read-outs of the sparse structure along the path (live, and from a
+run's ``path.pt`` with :func:`load_path`), masks, and the hooks of the one training loop
+(:class:`Callback`, :class:`FixedMask`; the loop itself is :func:`dessilbi.train.train`).
 """
 
+from dessilbi.callbacks import Callback, FixedMask
+from dessilbi.masks import apply_masks, masked_weights
+from dessilbi.numerics import flush_denormal
 from dessilbi.optim import STRUCTURES, DessiLBI, NonFiniteGradientError, group_norms, prox
 from dessilbi.path import (
     CoupledTensor,
+    PathRecord,
+    PathRecorder,
     coupled_tensors,
     group_support,
+    load_path,
     selected_groups,
     sparse_weights,
     support_masks,
     weight_group_norms,
 )
+from dessilbi.run_state import Architecture, TrainingRun
 from dessilbi.structure import structured_param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
     "STRUCTURES",
+    "Architecture",
+    "Callback",
     "CoupledTensor",
     "DessiLBI",
+    "FixedMask",
     "NonFiniteGradientError",
+    "PathRecord",
+    "PathRecorder",
+    "TrainingRun",
     "__version__",
+    "apply_masks",
     "coupled_tensors",
+    "flush_denormal",
     "group_norms",
     "group_support",
+    "load_path",
+    "masked_weights",
     "prox",
     "selected_groups",
     "sparse_weights",

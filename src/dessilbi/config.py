@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +19,12 @@ from typing import Any
 import yaml
 
 __all__ = ["ConfigError", "TrainConfig", "add_config_arguments", "builtin_configs", "load_config"]
+
+
+#: Values of ``precision``: full float32, or torch.autocast to bfloat16 / float16.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+#: Values of the group threshold scalings (as in ``dessilbi.optim.GROUP_SCALINGS``).
+GROUP_SCALING_NAMES: tuple[str, ...] = ("none", "sqrt_size")
 
 
 class ConfigError(ValueError):
@@ -42,6 +49,10 @@ class TrainConfig:
     data_dir: str | None = _opt(None, "data directory (default: $DESSILBI_DATA or ./data)")
     download: bool = _opt(False, "download the official archives if missing (needs internet)")
     augment: bool = _opt(True, "use the data set's default training augmentation")
+    normalize: bool = _opt(
+        True, "normalise inputs with the data set's per-channel mean and std (false: pixels "
+        "scaled to [0, 1] only, as the reference MNIST script did)"
+    )
     crop_padding: int | None = _opt(
         None, "zero padding of the random training crop of in-memory data sets (default: the "
         "data set's: 4 for CIFAR, 0 for MNIST and digits; 0 turns cropping off)"
@@ -56,12 +67,21 @@ class TrainConfig:
         default_factory=dict,
         metadata={"help": "extra model arguments as JSON, e.g. '{\"widths\": [16, 32, 64]}'"},
     )
+    init_from: str | None = _opt(
+        None, "start from these weights instead of a fresh initialisation (another run's "
+        "init.pt or model.pt, or a checkpoint)"
+    )
     # optimizer
     optimizer: str = _opt("dessilbi", "dessilbi, sgd or adam")
     lr: float = _opt(0.1, "learning rate α")
     kappa: float = _opt(1.0, "DessiLBI damping κ")
     nu: float = _opt(100.0, "DessiLBI coupling ν (larger: sparser)")
     lam: float = _opt(1.0, "DessiLBI sparsity threshold λ")
+    conv_lam: float | None = _opt(
+        None, "λ of conv weights (default: lam); the reference CIFAR code uses another λ for "
+        "convolutions than for linear layers"
+    )
+    linear_lam: float | None = _opt(None, "λ of linear weights (default: lam)")
     momentum: float = _opt(0.9, "momentum")
     dampening: float = _opt(0.0, "momentum dampening")
     nesterov: bool = _opt(False, "Nesterov momentum")
@@ -71,12 +91,32 @@ class TrainConfig:
                                       "element or none")
     linear_structure: str | None = _opt("element", "structure of linear weights")
     group_scaling: str = _opt("none", "group threshold scaling: none or sqrt_size")
+    conv_group_scaling: str | None = _opt(
+        None, "group threshold scaling of conv weights (default: group_scaling)"
+    )
+    linear_group_scaling: str | None = _opt(
+        None, "group threshold scaling of linear weights (default: group_scaling)"
+    )
     exclude: list[str] = _list_opt([], "glob patterns of module names left uncoupled")
     # schedule
     schedule: str = _opt("constant", "learning-rate schedule: constant, step, multistep, cosine")
     lr_step: int = _opt(30, "epochs between decays of the step schedule")
     milestones: list[int] = _list_opt([], "epochs of the decays of the multistep schedule")
     lr_decay: float = _opt(0.1, "decay factor of the step and multistep schedules")
+    schedule_epochs: int | None = _opt(
+        None, "length of the cosine schedule in epochs (default: epochs); recorded in the "
+        "run's config, so --resume --epochs N cannot silently change the lr curve"
+    )
+    # numerics
+    precision: str = _opt(
+        "fp32", "fp32, bf16 or fp16 (torch.autocast; fp16 with a gradient scaler whose "
+        "skipped steps leave W, V and Gamma unchanged); optimizer state stays fp32"
+    )
+    channels_last: bool = _opt(False, "channels-last memory format for model and inputs")
+    flush_denormal: bool = _opt(
+        True, "flush subnormal floats to zero while training on CPU (the coupling drives "
+        "unselected weights into the subnormal range, where CPU arithmetic is slow)"
+    )
     # run
     epochs: int = _opt(30, "training epochs")
     batch_size: int = _opt(64, "global batch size (split across processes under torchrun)")
@@ -107,19 +147,60 @@ class TrainConfig:
             ("workers", self.workers >= 0, ">= 0"),
             ("crop_padding", self.crop_padding is None or self.crop_padding >= 0,
              ">= 0, or null for the data set's default"),
+            ("precision", self.precision in PRECISIONS, " or ".join(PRECISIONS)),
+            ("conv_group_scaling", self.conv_group_scaling in (None, *GROUP_SCALING_NAMES),
+             "none, sqrt_size, or null for group_scaling"),
+            ("linear_group_scaling", self.linear_group_scaling in (None, *GROUP_SCALING_NAMES),
+             "none, sqrt_size, or null for group_scaling"),
+            ("schedule_epochs", self.schedule_epochs is None or self.schedule_epochs >= 1,
+             "at least 1"),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"invalid {key}: {getattr(self, key)!r} (expected {expected})")
+        self._check_schedule_length()
+
+    def _check_schedule_length(self) -> None:
+        """The cosine schedule's length is fixed in the config: longer training is refused."""
+        if self.schedule != "cosine":
+            if self.schedule_epochs is not None:
+                raise ConfigError(
+                    f"invalid schedule_epochs: {self.schedule_epochs!r} (it sets the length of "
+                    f"the cosine schedule; the {self.schedule} schedule has none: leave it unset)"
+                )
+            return
+        if self.schedule_epochs is None:
+            # Resolved here so that the saved config records the curve the run follows.
+            self.schedule_epochs = self.epochs
+        if self.epochs > self.schedule_epochs:
+            raise ConfigError(
+                f"invalid epochs: {self.epochs} exceed the cosine schedule's "
+                f"schedule_epochs {self.schedule_epochs}, after which the lr would stay at 0. "
+                "To train longer, start a new run with a longer schedule, or pass "
+                f"--schedule-epochs {self.epochs} to stretch the rest of this run's cosine curve"
+            )
 
     @property
     def default_run_name(self) -> str:
-        """``<dataset>-<model>-<optimizer>[-nu<ν>]-seed<seed>``: readable and stable."""
+        """``<dataset>-<model>-<optimizer>[-nu<ν>]-seed<seed>-<hash>``: readable and unique.
+
+        The hash (6 hex digits) covers every key that changes the run's numbers, so a sweep
+        over λ, lr, structure, ... never shares a directory; keys that only say where or how
+        fast the run goes (``out``, ``device``, ``workers``, ...) and ``epochs`` (a run may be
+        extended with ``--resume --epochs N``) leave it unchanged.
+        """
         parts = [self.dataset, self.model, self.optimizer]
         if self.optimizer == "dessilbi":
             parts.append(f"nu{self.nu:g}")
         parts.append(f"seed{self.seed}")
+        parts.append(self.config_hash())
         return "-".join(parts)
+
+    def config_hash(self) -> str:
+        """6 hex digits of a hash of every key that defines the run's numbers."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _RUN_LOCATION_KEYS}
+        blob = json.dumps(values, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:6]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +210,11 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+#: Keys that say where or how fast a run goes, not what it computes (left out of the hash).
+_RUN_LOCATION_KEYS = frozenset(
+    {"data_dir", "download", "device", "workers", "out", "run_name", "eval_batch_size", "epochs"}
+)
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -16,7 +16,7 @@ from torch import nn
 
 from dessilbi.optim.proximal import check_structure
 
-__all__ = ["NORM_TYPES", "structured_param_groups"]
+__all__ = ["NORM_TYPES", "structured_param_groups", "unwrap_model"]
 
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -28,6 +28,34 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside any DistributedDataParallel / DataParallel wrappers.
+
+    Parameter names of the result carry no ``module.`` prefix; every name-keyed read-out
+    (``structured_param_groups``' ``param_names``, :mod:`dessilbi.path`) uses these names, so they
+    agree whether or not the model was wrapped. Other wrappers are left alone: their names keep
+    whatever prefix they add, consistently in all of these functions.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _check_channel_groups(module_name: str, module: nn.Module) -> None:
+    """Refuse the channel structure on a grouped / depthwise convolution.
+
+    Its weight is ``[out, in / groups, ...]``: slice ``W[:, j]`` mixes input channel ``j`` of
+    every group (and a depthwise conv has one such slice in all), so the groups would not be
+    input channels at all.
+    """
+    groups = getattr(module, "groups", 1)
+    if groups != 1:
+        raise ValueError(
+            f"{module_name or '<model>'} ({type(module).__name__} groups={groups}): channel "
+            "structure needs groups=1; use conv='filter' or exclude it"
+        )
 
 
 def structured_param_groups(
@@ -59,6 +87,11 @@ def structured_param_groups(
         ``"param_names"`` and ``"structure"``, in this order: coupled conv weights, coupled
         linear weights, other uncoupled weights, biases and normalisation parameters.
         Every parameter appears exactly once (shared parameters by their first name).
+
+    Raises:
+        ValueError: for an unknown structure, or for ``conv="channel"`` on a grouped or
+            depthwise convolution that is not excluded (its ``W[:, j]`` slices are no input
+            channels); the message names the layer.
     """
     for structure in (conv, linear):
         if structure is not None:
@@ -70,8 +103,7 @@ def structured_param_groups(
         "no_decay": [],
     }
     # Patterns and names refer to the user's model, not to a DDP / DataParallel wrapper.
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
+    model = unwrap_model(model)
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -85,6 +117,8 @@ def structured_param_groups(
             excluded = any(fnmatchcase(n, pattern) for n in names for pattern in exclude)
             is_weight = param_name == "weight" and not excluded
             if is_weight and isinstance(module, _CONV_TYPES) and conv is not None:
+                if conv == "channel":
+                    _check_channel_groups(module_name, module)
                 buckets["conv"].append((full_name, param))
             elif is_weight and isinstance(module, nn.Linear) and linear is not None:
                 buckets["linear"].append((full_name, param))

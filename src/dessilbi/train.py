@@ -1,27 +1,31 @@
 """One training loop for every experiment: single process or DDP, path recording, exact resume.
 
+Every command (``train`` now; ``prune``, ``retrain`` and ``grow`` later) runs this loop; they
+differ only in what they pass to :func:`train`: the model (an object, a factory, or weights to
+start from), the optimizer factory, callbacks after every step and epoch (see
+:mod:`dessilbi.callbacks`), and the mask provider that defines the sparse network evaluated every
+epoch (see :mod:`dessilbi.masks`).
+
 A run directory holds:
 
 - ``config.yaml``: the resolved configuration;
 - ``init.pt``: the initial weights (winning tickets rewind to them);
 - ``metrics.jsonl``: one JSON line per epoch (losses, accuracies of W and W̃, selected groups);
 - ``path.pt``: the sparse-structure path (group norms of W, support of Γ, entry epochs/steps);
-- ``checkpoint.pt``: everything needed to continue bitwise (model, optimizer, scheduler, RNGs);
+- ``checkpoint.pt``: everything needed to continue bitwise (model and its architecture,
+  optimizer, scheduler, gradient scaler, RNGs, callback states);
 - ``model.pt``: the final weights.
 
 Every file is written atomically (temporary file, then rename), so a crash never leaves a
-half-written file under its final name.
+half-written file under its final name. Per epoch ``path.pt`` is written first, then
+``metrics.jsonl``, then ``checkpoint.pt``; a resume from the checkpoint of epoch ``e`` cuts the
+others back to epoch ``e``.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import pickle
 import time
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,25 +33,39 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from dessilbi.config import ConfigError, TrainConfig
-from dessilbi.data import (
-    BatchAugment,
-    DatasetInfo,
-    FolderDataset,
-    ImageDataset,
-    dataset_info,
-    load_dataset,
+from dessilbi.batches import (
+    AnyDataset,
+    TrainBatches,
+    evaluate,
+    input_normalization,
+    load_run_data,
+    training_augment,
 )
-from dessilbi.models import build_model
+from dessilbi.callbacks import Callback
+from dessilbi.config import TrainConfig
+from dessilbi.data import ImageDataset, dataset_info
+from dessilbi.distributed import DistInfo, gather_states, init_distributed
+from dessilbi.masks import MaskProvider, gamma_support, masked_weights
+from dessilbi.numerics import autocast_factory, flush_denormal, gradient_scaler, input_preparer
 from dessilbi.optim import DessiLBI
-from dessilbi.path import PathRecorder, selected_groups, sparse_weights
+from dessilbi.path import PathRecorder, selected_groups
+from dessilbi.run_files import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    RunFiles,
+    TrainingError,
+    atomic_save,
+    load_checkpoint,
+    load_weights,
+)
+from dessilbi.run_state import Architecture, ModelFactory, OptimizerFactory, TrainingRun
+from dessilbi.schedule import lr_multiplier
 from dessilbi.structure import structured_param_groups
 
 __all__ = [
@@ -59,17 +77,6 @@ __all__ = [
     "load_checkpoint",
     "train",
 ]
-
-CHECKPOINT_FORMAT = "dessilbi-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, a run directory in the way, ...)."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged, or belongs to another run."""
 
 
 @dataclass
@@ -85,399 +92,328 @@ class RunResult:
     optimizer: Optimizer | None = field(default=None, repr=False)
 
 
+# --------------------------------------------------------------------------- optimizer
+
+
+def _layer_type_options(
+    config: TrainConfig, model: nn.Module, groups: list[dict[str, Any]]
+) -> None:
+    """Per-layer-type λ and group scaling (``conv_lam``, ``linear_group_scaling``, ...)."""
+    conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    kind_of = {
+        id(p): "conv" if isinstance(m, conv_types) else "linear" if isinstance(m, nn.Linear)
+        else None
+        for m in model.modules() for p in m.parameters(recurse=False)
+    }
+    for group in groups:
+        if group["structure"] is None:
+            continue
+        kind = kind_of.get(id(group["params"][0]))
+        lam = config.conv_lam if kind == "conv" else config.linear_lam
+        scaling = config.conv_group_scaling if kind == "conv" else config.linear_group_scaling
+        group["lam"] = config.lam if lam is None else lam
+        group["group_scaling"] = config.group_scaling if scaling is None else scaling
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
+    """The optimizer of ``config`` for ``model`` (DessiLBI, SGD or Adam).
+
+    DessiLBI's param groups come from :func:`dessilbi.structured_param_groups` (structure by
+    module type), with λ and the group scaling set per layer type (``conv_lam``,
+    ``linear_lam``, ``conv_group_scaling``, ``linear_group_scaling``; each defaults to the
+    global ``lam`` / ``group_scaling``). The baselines get the same decay / no-decay split.
+    """
+    coupled = config.optimizer == "dessilbi"
+    groups = structured_param_groups(
+        model,
+        conv=config.conv_structure if coupled else None,
+        linear=config.linear_structure if coupled else None,
+        exclude=config.exclude if coupled else (),
+        weight_decay=config.weight_decay,
+        norm_weight_decay=config.norm_weight_decay,
+    )
+    if coupled:
+        _layer_type_options(config, model, groups)
+        return DessiLBI(groups, lr=config.lr, kappa=config.kappa, nu=config.nu,
+                        momentum=config.momentum, dampening=config.dampening,
+                        nesterov=config.nesterov)
+    for group in groups:
+        del group["structure"]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               dampening=config.dampening, nesterov=config.nesterov)
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
 # --------------------------------------------------------------------------- set-up
 
 
 @dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class _RunData:
+    """The data of a run on its device: batches, test set, and the input transforms."""
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    train_set: AnyDataset
+    test_set: AnyDataset
+    batches: TrainBatches
+    prepare_train: Callable[..., torch.Tensor]
+    prepare_test: Callable[..., torch.Tensor]
+    num_classes: int
 
 
-def _init_distributed(device_pref: str) -> tuple[_Dist, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    info = _Dist(
-        rank=int(os.environ.get("RANK", "0")),
-        world_size=world_size,
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
-    use_cuda = device_pref.startswith("cuda") or (
-        device_pref == "auto" and torch.cuda.is_available()
-    )
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"invalid device: {device_pref!r} (CUDA is not available here)")
-    if use_cuda:
-        device = torch.device(device_pref if ":" in device_pref else f"cuda:{info.local_rank}")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if info.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return info, device
-
-
-def _lr_multiplier(config: TrainConfig) -> Callable[[int], float]:
-    """The schedule as a function of the epoch (LambdaLR keeps no callables in its state)."""
-    if config.schedule == "step":
-        return lambda epoch: config.lr_decay ** (epoch // config.lr_step)
-    if config.schedule == "multistep":
-        milestones = sorted(config.milestones)
-        return lambda epoch: config.lr_decay ** sum(epoch >= m for m in milestones)
-    if config.schedule == "cosine":
-        total = config.epochs
-        return lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))
-    return lambda epoch: 1.0
-
-
-def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
-    """The optimizer of ``config`` for ``model`` (DessiLBI, SGD or Adam)."""
-    if config.optimizer == "dessilbi":
-        groups = structured_param_groups(
-            model,
-            conv=config.conv_structure,
-            linear=config.linear_structure,
-            exclude=config.exclude,
-            weight_decay=config.weight_decay,
-            norm_weight_decay=config.norm_weight_decay,
-        )
-        return DessiLBI(
-            groups,
-            lr=config.lr,
-            kappa=config.kappa,
-            nu=config.nu,
-            lam=config.lam,
-            momentum=config.momentum,
-            dampening=config.dampening,
-            nesterov=config.nesterov,
-            group_scaling=config.group_scaling,
-        )
-    # Baselines get the same decay / no-decay split, without coupling.
-    groups = structured_param_groups(
-        model,
-        conv=None,
-        linear=None,
-        weight_decay=config.weight_decay,
-        norm_weight_decay=config.norm_weight_decay,
-    )
-    for group in groups:
-        del group["structure"]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups,
-            lr=config.lr,
-            momentum=config.momentum,
-            dampening=config.dampening,
-            nesterov=config.nesterov,
-        )
-    return torch.optim.Adam(groups, lr=config.lr)
-
-
-# --------------------------------------------------------------------------- data
-
-
-class _Batches:
-    """Training batches for one epoch, identical for a given (seed, epoch) on every run.
-
-    In-memory sets are indexed on the training device; the data order of epoch ``e`` comes from
-    a generator seeded with ``(seed, e)``, so resuming at an epoch boundary replays it exactly.
-    Under DDP each global batch of ``batch_size`` is cut into equal shards, one per rank, so a
-    step sees the same global batch as a single process would.
-    """
-
-    def __init__(
-        self,
-        data: ImageDataset | FolderDataset,
-        config: TrainConfig,
-        dist_info: _Dist,
-        device: torch.device,
-    ) -> None:
-        if config.batch_size % dist_info.world_size:
-            raise ConfigError(
-                f"invalid batch_size: {config.batch_size} is not divisible by the "
-                f"{dist_info.world_size} processes"
-            )
-        self.data = data
-        self.config = config
-        self.dist = dist_info
-        self.device = device
-        self.local_batch = config.batch_size // dist_info.world_size
-        if isinstance(data, ImageDataset):
-            self.images = data.images.to(device)
-            self.labels = data.labels.to(device)
-        self.num_batches = len(data) // config.batch_size
-        if self.num_batches == 0:
-            raise ConfigError(
-                f"invalid batch_size: {config.batch_size} exceeds the {len(data)} training images"
-            )
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order_gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.data), generator=order_gen)
-        if isinstance(self.data, ImageDataset):
-            lo = self.dist.rank * self.local_batch
-            for b in range(self.num_batches):
-                batch = order[b * self.config.batch_size : (b + 1) * self.config.batch_size]
-                shard = batch[lo : lo + self.local_batch].to(self.device)
-                yield self.images[shard], self.labels[shard]
-            return
-        # On-disk data: the same order, sharded the same way, read by worker processes.
-        usable = order[: self.num_batches * self.config.batch_size].view(self.num_batches, -1)
-        mine = usable[:, self.dist.rank * self.local_batch :][:, : self.local_batch].flatten()
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self.data, mine.tolist()),
-            batch_size=self.local_batch,
-            shuffle=False,
-            num_workers=self.config.workers,
-            generator=torch.Generator().manual_seed(self.config.seed + epoch),
-            pin_memory=self.device.type == "cuda",
-        )
-        for images, labels in loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device)
-
-
-def _training_augment(config: TrainConfig, info: DatasetInfo) -> BatchAugment:
-    """The batched training augmentation of an in-memory data set: its default, as configured."""
-    if not config.augment:
-        return BatchAugment(info.mean, info.std)
-    padding = info.crop_padding if config.crop_padding is None else config.crop_padding
-    flip = info.flip if config.flip is None else config.flip
-    return BatchAugment(info.mean, info.std, padding, flip)
-
-
-def _load_data(
-    config: TrainConfig, dist_info: _Dist
-) -> tuple[ImageDataset | FolderDataset, ImageDataset | FolderDataset]:
+def _load_data(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> _RunData:
     info = dataset_info(config.dataset, config.data_dir)
-    if info.lazy:
-        if config.data_dir is None:
-            raise ConfigError(f"invalid data_dir: None (the {config.dataset} data set needs one)")
-        return (
-            FolderDataset(config.data_dir, "train", train=True, crop_size=info.image_size[0]),
-            FolderDataset(config.data_dir, "val" if Path(config.data_dir, "val").is_dir()
-                          else "test", train=False, crop_size=info.image_size[0]),
-        )
-    # Only one process downloads; the others wait for it and then read the files.
-    if config.download and dist_info.enabled and not dist_info.is_main:
-        dist.barrier()
-    train_set = load_dataset(config.dataset, config.data_dir, "train", download=config.download)
-    test_set = load_dataset(config.dataset, config.data_dir, "test", download=config.download)
-    if config.download and dist_info.enabled and dist_info.is_main:
-        dist.barrier()
-    return train_set, test_set
+    train_set, test_set = load_run_data(config, dist_info)
+    lazy = not isinstance(train_set, ImageDataset)
+    augment = training_augment(config, info, lazy)
+    if isinstance(test_set, ImageDataset):
+        test_set = test_set.to(device)  # once, not at every evaluation
+    return _RunData(
+        train_set=train_set,
+        test_set=test_set,
+        batches=TrainBatches(train_set, config, dist_info, device),
+        prepare_train=input_preparer(augment, config.channels_last),
+        prepare_test=input_preparer(input_normalization(config, info), config.channels_last),
+        num_classes=info.num_classes or len(train_set.classes),
+    )
 
 
-@torch.no_grad()
-def _evaluate(
-    model: nn.Module,
-    data: ImageDataset | FolderDataset,
-    normalize: BatchAugment,
-    config: TrainConfig,
-    dist_info: _Dist,
-    device: torch.device,
-) -> float:
-    """Top-1 accuracy in percent; under DDP each rank scores a slice and the counts are summed."""
-    model.eval()
-    n = len(data)
-    lo = n * dist_info.rank // dist_info.world_size
-    hi = n * (dist_info.rank + 1) // dist_info.world_size
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    if isinstance(data, ImageDataset):
-        for start in range(lo, hi, config.eval_batch_size):
-            stop = min(start + config.eval_batch_size, hi)
-            x = normalize(data.images[start:stop].to(device))
-            correct += (model(x).argmax(1) == data.labels[start:stop].to(device)).sum()
-    else:
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(data, range(lo, hi)),
-            batch_size=config.eval_batch_size,
-            num_workers=config.workers,
-        )
-        for images, labels in loader:
-            correct += (model(normalize(images.to(device))).argmax(1) == labels.to(device)).sum()
-    if dist_info.enabled:
-        dist.all_reduce(correct)
-    return 100.0 * int(correct) / n
+def default_architecture(config: TrainConfig, data: _RunData) -> Architecture:
+    """The registered model of ``config``, sized for its data set."""
+    info = dataset_info(config.dataset, config.data_dir)
+    return Architecture(config.model, {
+        "num_classes": data.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size[0],
+        **config.model_kwargs,
+    })
 
 
-# --------------------------------------------------------------------------- files
+def _initial_model(
+    model: nn.Module | ModelFactory | None,
+    architecture: Architecture,
+    init_weights: Path | Mapping[str, torch.Tensor] | None,
+) -> nn.Module:
+    """The model to train: given, or built; then loaded with ``init_weights`` if given."""
+    built = model if isinstance(model, nn.Module) else (model or Architecture.build)(architecture)
+    if init_weights is not None:
+        weights = load_weights(init_weights) if isinstance(init_weights, Path) \
+            else dict(init_weights)
+        try:
+            built.load_state_dict(weights)
+        except RuntimeError as exc:
+            where = init_weights if isinstance(init_weights, Path) else "init_weights"
+            raise CheckpointError(f"{where}: does not fit the model ({exc})") from exc
+    return built
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _rng_states(loop: _Loop) -> dict[str, list[torch.Tensor]]:
+    """Every rank's RNG states (ranks draw different augmentations)."""
+    run = loop.run
+    cuda = run.device.type == "cuda"
+    return {
+        "torch": gather_states(torch.get_rng_state(), run.dist),
+        "augment": gather_states(loop.aug_gen.get_state(), run.dist),
+        "cuda": gather_states(torch.cuda.get_rng_state(run.device), run.dist) if cuda else [],
+    }
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a dessilbi checkpoint with ``weights_only=True``, or raise :class:`CheckpointError`."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint here (nothing to resume)")
+def _checkpoint(loop: _Loop, rng: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+    """Everything a resume needs (the path lives in ``path.pt``, written just before)."""
+    run = loop.run
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_name": run.config.model,
+        "architecture": run.architecture.to_dict(),
+        "dataset": run.config.dataset,
+        "epoch": run.epoch,
+        "step": run.step,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "rng": rng,
+        "callbacks": {c.name: c.state_dict() for c in loop.callbacks},
+    }
+
+
+def _restore(loop: _Loop, ckpt: dict[str, Any]) -> None:
+    """Continue from ``ckpt``: weights, optimizer, schedule, RNGs, callbacks, path, metrics."""
+    run, where = loop.run, loop.files.checkpoint_path
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(
-            f"{path}: damaged or not a torch checkpoint ({type(exc).__name__}: {exc})"
+            f"{where}: does not match this run's model/optimizer ({exc})"
         ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a dessilbi checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    # The lr of the coming epoch, from this run's schedule (a resume may have stretched it).
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * run.lr_multiplier(run.scheduler.last_epoch)
+    if ckpt["scaler"]:
+        loop.scaler.load_state_dict(ckpt["scaler"])
+    rng, rank = ckpt["rng"], run.dist.rank
+    if len(rng["torch"]) != run.dist.world_size:
         raise CheckpointError(
-            f"{path}: checkpoint version {ckpt.get('version')} is not supported "
-            f"(this dessilbi writes version {CHECKPOINT_VERSION})"
+            f"{where}: written by {len(rng['torch'])} processes, resumed with "
+            f"{run.dist.world_size}; resume with the same number of processes"
         )
-    return ckpt
+    torch.set_rng_state(rng["torch"][rank])
+    loop.aug_gen.set_state(rng["augment"][rank])
+    if run.device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"][rank], run.device)
+    _restore_callbacks(loop, ckpt["callbacks"])
+    run.epoch, run.step = int(ckpt["epoch"]), int(ckpt["step"])
+    if loop.recorder is not None:
+        loop.recorder.load_state_dict(loop.files.read_path())
+        # path.pt is written before the checkpoint: after a crash between the two it holds
+        # one epoch more, which the resumed run records again.
+        loop.recorder.truncate(run.epoch, run.step)
+    loop.records = loop.files.resume_records(run.epoch)
+    loop.files.write_config(run.config)  # a resume may have extended the run
 
 
-def _config_differences(saved: Path, config: TrainConfig) -> str:
-    """The keys whose values differ between the saved config and ``config`` ("" if none)."""
-    if not saved.is_file():
-        return f"{saved} is missing"
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = config.to_dict()
-    keys = sorted(k for k in set(old) | set(new) if k != "epochs" and old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _restore_callbacks(loop: _Loop, saved: dict[str, Any]) -> None:
+    names = {c.name for c in loop.callbacks}
+    if set(saved) != names:
+        raise CheckpointError(
+            f"{loop.files.checkpoint_path}: saved with callbacks {sorted(saved)}, resumed with "
+            f"{sorted(names)}; pass the same callbacks to continue the run"
+        )
+    for callback in loop.callbacks:
+        callback.load_state_dict(saved[callback.name])
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def _gather_states(state: torch.Tensor, dist_info: _Dist) -> list[torch.Tensor]:
-    """Every rank's RNG state (ranks draw different augmentations)."""
-    if not dist_info.enabled:
-        return [state]
-    gathered: list[Any] = [None] * dist_info.world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
+@dataclass
+class _Loop:
+    """Everything a step needs that is not in the :class:`TrainingRun`."""
+
+    run: TrainingRun
+    data: _RunData
+    files: RunFiles
+    callbacks: list[Callback]
+    recorder: PathRecorder | None
+    mask_provider: MaskProvider | None
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], Any]
+    aug_gen: torch.Generator
+    say: Callable[[str], None]
+    show: bool
+    log_every: int
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(
-    config: TrainConfig,
-    *,
-    resume_dir: Path | None = None,
-    quiet: bool = False,
-    log_every: int = 0,
-) -> RunResult:
-    """Train ``config`` (or continue the run in ``resume_dir``) and return its final figures.
-
-    Args:
-        config: the run's configuration (on resume: the saved one, possibly with more epochs).
-        resume_dir: a run directory with a ``checkpoint.pt`` to continue from.
-        quiet: no progress bars; one line per epoch.
-        log_every: also print a line every this many steps (0: never); useful in logs.
-    """
-    dist_info, device = _init_distributed(config.device)
-    run_dir = resume_dir if resume_dir is not None else Path(config.out) / (
-        config.run_name or config.default_run_name
-    )
-    checkpoint_path = run_dir / "checkpoint.pt"
-    if resume_dir is None and checkpoint_path.exists():
-        # Rerunning the same configuration continues the run (or just reports it when it is
-        # complete); a different configuration must not overwrite it.
-        differences = _config_differences(run_dir / "config.yaml", config)
-        if differences:
-            raise TrainingError(
-                f"run directory {run_dir} already holds a run with another configuration "
-                f"({differences}); choose another --run-name or --out, or continue it with "
-                f"`dessilbi train --resume {run_dir}`"
-            )
-        resume_dir = run_dir
-    ckpt = load_checkpoint(checkpoint_path) if resume_dir is not None else None
-    if ckpt is not None and ckpt["model_name"] != config.model:
-        raise CheckpointError(
-            f"{checkpoint_path}: written for model {ckpt['model_name']!r}, "
-            f"but the config builds {config.model!r}"
+def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: str) -> Any:
+    """One optimizer step on a batch; returns the (detached) loss and logits."""
+    run = loop.run
+    x = loop.data.prepare_train(images, loop.aug_gen)
+    with loop.autocast():
+        logits = run.net(x)
+    loss = F.cross_entropy(logits.float(), labels)
+    if not torch.isfinite(loss):
+        saved = f"the checkpoint of epoch {run.epoch}" if run.epoch else "no checkpoint yet"
+        raise TrainingError(
+            f"the loss became {float(loss.detach())} at {where}; {run.run_dir} keeps {saved}. "
+            "Lower the learning rate and restart or resume."
         )
+    run.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.scale(loss).backward()
+    # Under fp16 a step whose gradients overflowed is skipped here (optimizer.step is not
+    # called), so W, V and Γ do not move; without a scaler this is optimizer.step().
+    loop.scaler.step(run.optimizer)
+    loop.scaler.update()
+    run.step += 1
+    for callback in loop.callbacks:
+        callback.on_step_end(run)
+    if loop.recorder is not None and run.dist.is_main:
+        loop.recorder.update_step(run.step)
+    return loss.detach(), logits.detach()
 
-    info = dataset_info(config.dataset, config.data_dir)
-    train_set, test_set = _load_data(config, dist_info)
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model,
-        num_classes=info.num_classes if info.num_classes else len(train_set.classes),
-        in_channels=info.in_channels,
-        image_size=info.image_size[0],
-        **config.model_kwargs,
-    ).to(device)
-    optimizer = build_optimizer(config, model)
-    scheduler = LambdaLR(optimizer, _lr_multiplier(config))
-    recorder = PathRecorder(model, optimizer) if isinstance(optimizer, DessiLBI) else None
-    normalize = BatchAugment(info.mean, info.std)
-    lazy = not isinstance(train_set, ImageDataset)
-    if lazy and (config.crop_padding is not None or config.flip is not None):
-        raise ConfigError(
-            f"crop_padding and flip apply to in-memory data sets; {config.dataset} is read "
-            "from disk with its own augmentation (random-resized crop and flip): leave them unset"
-        )
-    augment = normalize if lazy else _training_augment(config, info)
-    aug_gen = torch.Generator(device=device).manual_seed(config.seed * 7919 + dist_info.rank)
 
-    start_epoch, step = 0, 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(
-                f"{checkpoint_path}: does not match this run's model/optimizer ({exc})"
-            ) from exc
-        scheduler.load_state_dict(ckpt["scheduler"])
-        rng = ckpt["rng"]
-        if len(rng["torch"]) != dist_info.world_size:
-            raise CheckpointError(
-                f"{checkpoint_path}: written by {len(rng['torch'])} processes, resumed with "
-                f"{dist_info.world_size}; resume with the same number of processes"
-            )
-        torch.set_rng_state(rng["torch"][dist_info.rank])
-        aug_gen.set_state(rng["augment"][dist_info.rank])
-        if device.type == "cuda" and rng.get("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"][dist_info.rank], device)
-        if recorder is not None:
-            recorder.load_state_dict(ckpt["path"])
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-    elif dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-        _atomic_save(model.state_dict(), run_dir / "init.pt")
+def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
+    """Train epoch ``epoch`` (counted from 0); the mean loss and accuracy over all ranks."""
+    run, batches = loop.run, loop.data.batches
+    run.net.train()
+    started = time.perf_counter()
+    totals = torch.zeros(3, dtype=torch.float64, device=run.device)
+    bar = tqdm(batches.epoch(epoch), total=batches.num_batches, desc=f"epoch {epoch + 1}",
+               leave=False, disable=not loop.show, dynamic_ncols=True)
+    for i, (images, labels) in enumerate(bar):
+        loss, logits = _train_step(loop, images, labels, f"epoch {epoch + 1}, step {i + 1}")
+        with torch.no_grad():
+            totals[0] += loss * labels.numel()
+            totals[1] += (logits.argmax(1) == labels).sum()
+            totals[2] += labels.numel()
+        if loop.log_every and (i + 1) % loop.log_every == 0 and run.dist.is_main:
+            print(f"epoch {epoch + 1} step {i + 1}/{batches.num_batches} "
+                  f"loss {float(loss):.4f}", flush=True)
+    lr_used = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    epoch_time = time.perf_counter() - started
+    if run.dist.enabled:
+        dist.all_reduce(totals)
+    return {"lr": lr_used, "train_loss": float(totals[0] / totals[2]),
+            "train_acc": 100.0 * float(totals[1] / totals[2]), "epoch_time": epoch_time}
 
-    metrics_path = run_dir / "metrics.jsonl"
-    if dist_info.is_main:
-        # Epochs after the checkpoint were lost with the crash; their lines are redone.
-        kept = [m for m in _read_metrics(metrics_path) if m["epoch"] <= start_epoch]
-        _atomic_write_text("".join(json.dumps(m) + "\n" for m in kept), metrics_path)
 
-    net: nn.Module = (
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if dist_info.enabled
-        else model
+def _evaluate_epoch(loop: _Loop) -> dict[str, Any]:
+    """Test accuracy of W and of the sparse network (when there is a mask provider)."""
+    run, data = loop.run, loop.data
+    def score() -> float:
+        return evaluate(run.net, data.test_set, data.prepare_test, loop.autocast, run.config,
+                        run.dist, run.device)
+
+    test_acc = score()
+    sparse_acc = None
+    if loop.mask_provider is not None:
+        with masked_weights(run.model, loop.mask_provider(run.model, run.optimizer)):
+            sparse_acc = score()
+    selected = selected_groups(run.model, run.optimizer) \
+        if isinstance(run.optimizer, DessiLBI) else {}
+    return {"test_acc": test_acc, "test_acc_sparse": sparse_acc,
+            "selected": {name: list(pair) for name, pair in selected.items()}}
+
+
+def _run_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
+    """Train, call the epoch callbacks, evaluate and save epoch ``epoch`` (counted from 0)."""
+    run = loop.run
+    trained = _train_epoch(loop, epoch)
+    run.epoch = epoch + 1
+    extra: dict[str, Any] = {}
+    for callback in loop.callbacks:
+        extra.update(callback.on_epoch_end(run) or {})
+    if loop.recorder is not None:  # a callback may have replaced the model (growing)
+        loop.recorder.model, loop.recorder.optimizer = run.model, run.optimizer
+    record = {"epoch": run.epoch, "step": run.step, **trained, **_evaluate_epoch(loop), **extra}
+    loop.records.append(record)
+    rng = _rng_states(loop)  # collective under DDP: every rank takes part
+    if loop.recorder is not None and run.dist.is_main:
+        loop.recorder.record_epoch(run.epoch)
+    loop.files.save_epoch(
+        loop.records,
+        loop.recorder.state_dict() if loop.recorder is not None else None,
+        lambda: _checkpoint(loop, rng),
     )
-    batches = _Batches(train_set, config, dist_info, device)
-    if isinstance(test_set, ImageDataset):
-        test_set = test_set.to(device)  # once, not at every evaluation
-    show = not quiet and dist_info.is_main
+    if run.dist.is_main:
+        sparse = record["test_acc_sparse"]
+        sparse_text = f" sparse {sparse:.2f}%" if sparse is not None else ""
+        if not loop.show or loop.log_every:
+            loop.say(f"epoch {run.epoch}/{run.config.epochs} loss {record['train_loss']:.4f} "
+                     f"train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%"
+                     f"{sparse_text} ({record['epoch_time']:.1f} s)")
+    if run.dist.enabled:
+        dist.barrier()  # no rank runs ahead of the checkpoint of this epoch
+    return record
+
+
+def _make_say(show: bool) -> Callable[[str], None]:
     def say(line: str) -> None:
         # Flushed at once: quiet mode is meant for logs, and a log redirected to a file is
         # block-buffered, so a user tailing it would otherwise see nothing for many epochs.
@@ -486,124 +422,145 @@ def train(
         else:
             print(line, flush=True)
 
-    epochs_bar = tqdm(
-        range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
-        desc="epochs", disable=not show, dynamic_ncols=True,
-    )
-    last: dict[str, Any] = {}
-    for epoch in epochs_bar:
-        net.train()
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        batch_bar = tqdm(
-            batches.epoch(epoch), total=batches.num_batches, desc=f"epoch {epoch + 1}",
-            leave=False, disable=not show, dynamic_ncols=True,
+    return say
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume_dir: Path | None = None,
+    quiet: bool = False,
+    log_every: int = 0,
+    model: nn.Module | ModelFactory | None = None,
+    init_weights: Path | Mapping[str, torch.Tensor] | None = None,
+    optimizer_factory: OptimizerFactory | None = None,
+    callbacks: Iterable[Callback] = (),
+    mask_provider: MaskProvider | None = None,
+) -> RunResult:
+    """Train ``config`` (or continue the run in ``resume_dir``) and return its final figures.
+
+    Args:
+        config: the run's configuration (on resume: the saved one, possibly with more epochs).
+        resume_dir: a run directory with a ``checkpoint.pt`` to continue from.
+        quiet: no progress bars; one line per epoch.
+        log_every: also print a line every this many steps (0: never); useful in logs.
+        model: the model to train, or a factory ``factory(architecture) -> model`` (default:
+            the registered ``config.model``, sized for the data set). On resume the factory
+            gets the architecture saved in the checkpoint, so a model that changed shape in
+            training is rebuilt with its current shape; a model *object* must already have it.
+        init_weights: weights to start from instead of a fresh initialisation: a file (another
+            run's ``init.pt`` or ``model.pt``, or a checkpoint) or a state dict. Default:
+            ``config.init_from``. Ignored on resume (the checkpoint has the weights).
+        optimizer_factory: ``factory(config, model) -> optimizer`` (default:
+            :func:`build_optimizer`).
+        callbacks: hooks after every step and epoch; their state is saved in the checkpoint.
+            On resume pass the same callbacks again (same names).
+        mask_provider: ``provider(model, optimizer) -> masks``: the sparse network evaluated
+            every epoch (``test_acc_sparse``). Default: Γ's support under DessiLBI, none
+            otherwise.
+    """
+    dist_info, device = init_distributed(config.device)
+    files, ckpt = RunFiles.open(config, resume_dir, dist_info.is_main)
+    if init_weights is None and config.init_from is not None:
+        init_weights = Path(config.init_from)
+    with flush_denormal(device.type == "cpu" and config.flush_denormal):
+        data = _load_data(config, dist_info, device)
+        if ckpt is not None:
+            architecture = Architecture.from_dict(ckpt["architecture"])
+        else:
+            architecture = default_architecture(config, data)
+        torch.manual_seed(config.seed)
+        loop = _build_loop(
+            config, files, data, dist_info, device,
+            _initial_model(model, architecture, None if ckpt else init_weights), architecture,
+            optimizer_factory or build_optimizer, list(callbacks), mask_provider, quiet,
+            log_every,
         )
-        for i, (images, labels) in enumerate(batch_bar):
-            x = augment(images, aug_gen)
-            logits = net(x)
-            loss = F.cross_entropy(logits, labels)
-            if not torch.isfinite(loss):
-                saved = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint yet"
-                raise TrainingError(
-                    f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {i + 1}; "
-                    f"{run_dir} keeps {saved}. Lower the learning rate and restart or resume."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if recorder is not None and dist_info.is_main:
-                recorder.update_step(step)
-            with torch.no_grad():
-                loss_sum += loss.detach() * labels.numel()
-                correct += (logits.argmax(1) == labels).sum()
-            seen += labels.numel()
-            if log_every and (i + 1) % log_every == 0 and dist_info.is_main:
-                print(f"epoch {epoch + 1} step {i + 1}/{batches.num_batches} "
-                      f"loss {float(loss):.4f}", flush=True)
-        lr_used = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        epoch_time = time.perf_counter() - started
+        if ckpt is not None:
+            _restore(loop, ckpt)
+        else:
+            files.start(config, loop.run.model.state_dict())
+        for callback in loop.callbacks:
+            callback.on_train_start(loop.run)
+        _fit(loop)
+    return _result(loop)
 
-        totals = torch.stack([loss_sum, correct.to(loss_sum.dtype),
-                              torch.tensor(float(seen), device=device)])
-        if dist_info.enabled:
-            dist.all_reduce(totals)
-        test_acc = _evaluate(net, test_set, normalize, config, dist_info, device)
-        sparse_acc = None
-        selected: dict[str, tuple[int, int]] = {}
-        if isinstance(optimizer, DessiLBI):
-            with sparse_weights(model, optimizer):
-                sparse_acc = _evaluate(net, test_set, normalize, config, dist_info, device)
-            selected = selected_groups(model, optimizer)
-        last = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": lr_used,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_acc": 100.0 * float(totals[1] / totals[2]),
-            "test_acc": test_acc,
-            "test_acc_sparse": sparse_acc,
-            "selected": {name: list(pair) for name, pair in selected.items()},
-            "epoch_time": epoch_time,
-        }
 
-        rng_state = {
-            "torch": _gather_states(torch.get_rng_state(), dist_info),
-            "augment": _gather_states(aug_gen.get_state(), dist_info),
-            "cuda": _gather_states(torch.cuda.get_rng_state(device), dist_info)
-            if device.type == "cuda" else [],
-        }
-        if dist_info.is_main:
-            if recorder is not None:
-                recorder.record_epoch(epoch + 1)
-                _atomic_save(recorder.state_dict(), run_dir / "path.pt")
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(last) + "\n")
-            _atomic_save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": CHECKPOINT_VERSION,
-                    "model_name": config.model,
-                    "dataset": config.dataset,
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state,
-                    "path": recorder.state_dict() if recorder is not None else {},
-                },
-                checkpoint_path,
-            )
-            sparse_text = f" sparse {sparse_acc:.2f}%" if sparse_acc is not None else ""
-            if quiet or log_every:
-                say(f"epoch {epoch + 1}/{config.epochs} loss {last['train_loss']:.4f} "
-                    f"train {last['train_acc']:.2f}% test {test_acc:.2f}%{sparse_text} "
-                    f"({epoch_time:.1f} s)")
-            epochs_bar.set_postfix(loss=f"{last['train_loss']:.3f}", test=f"{test_acc:.2f}")
-        if dist_info.enabled:
-            dist.barrier()  # no rank runs ahead of the checkpoint of this epoch
-    epochs_bar.close()
+def _build_loop(
+    config: TrainConfig,
+    files: RunFiles,
+    data: _RunData,
+    dist_info: DistInfo,
+    device: torch.device,
+    model: nn.Module,
+    architecture: Architecture,
+    optimizer_factory: OptimizerFactory,
+    callbacks: list[Callback],
+    mask_provider: MaskProvider | None,
+    quiet: bool,
+    log_every: int,
+) -> _Loop:
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    names = [c.name for c in callbacks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"callback names must be unique, got {names}")
 
-    if dist_info.is_main:
-        _atomic_save(model.state_dict(), run_dir / "model.pt")
-    if not last:
-        history = _read_metrics(metrics_path)
-        if not history:
-            raise TrainingError(f"{run_dir}: nothing to report (no epoch recorded)")
-        last = history[-1]
+    def wrap(m: nn.Module) -> nn.Module:
+        if not dist_info.enabled:
+            return m
+        return DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None)
+
+    optimizer = optimizer_factory(config, model)
+    multiplier = lr_multiplier(config)
+    run = TrainingRun(
+        config=config, run_dir=files.run_dir, device=device, dist=dist_info, model=model,
+        net=wrap(model), optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
+        lr_multiplier=multiplier, architecture=architecture, optimizer_factory=optimizer_factory,
+        wrap=wrap,
+    )
+    if mask_provider is None and isinstance(optimizer, DessiLBI):
+        mask_provider = gamma_support
+    show = not quiet and dist_info.is_main
+    return _Loop(
+        run=run, data=data, files=files, callbacks=callbacks,
+        recorder=PathRecorder(model, optimizer) if isinstance(optimizer, DessiLBI) else None,
+        mask_provider=mask_provider,
+        scaler=gradient_scaler(config.precision, device),
+        autocast=autocast_factory(config.precision, device),
+        aug_gen=torch.Generator(device=device).manual_seed(config.seed * 7919 + dist_info.rank),
+        say=_make_say(show), show=show, log_every=log_every,
+    )
+
+
+def _fit(loop: _Loop) -> None:
+    """Run the remaining epochs, then save the final weights."""
+    run = loop.run
+    bar = tqdm(range(run.epoch, run.config.epochs), initial=run.epoch, total=run.config.epochs,
+               desc="epochs", disable=not loop.show, dynamic_ncols=True)
+    for epoch in bar:
+        record = _run_epoch(loop, epoch)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", test=f"{record['test_acc']:.2f}")
+    bar.close()
+    if run.dist.is_main:
+        atomic_save(run.model.state_dict(), run.run_dir / "model.pt")
+
+
+def _result(loop: _Loop) -> RunResult:
+    run = loop.run
+    if not loop.records:
+        raise TrainingError(f"{run.run_dir}: nothing to report (no epoch recorded)")
+    last = loop.records[-1]
     return RunResult(
-        run_dir=run_dir,
+        run_dir=run.run_dir,
         epochs=int(last["epoch"]),
         test_acc=float(last["test_acc"]),
         test_acc_sparse=last["test_acc_sparse"],
         selected={k: (int(v[0]), int(v[1])) for k, v in last["selected"].items()},
-        model=model,
-        optimizer=optimizer,
+        model=run.model,
+        optimizer=run.optimizer,
     )
 
 

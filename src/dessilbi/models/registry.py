@@ -10,7 +10,7 @@ from torch import nn
 
 from .lenet import lenet5
 from .mlp import mlp
-from .resnet_cifar import resnet20, resnet32, resnet56
+from .resnet_cifar import resnet20, resnet32, resnet50_cifar, resnet56, resnet56_bottleneck
 from .resnet_imagenet import resnet18, resnet50
 from .small_cnn import small_cnn
 from .vgg import vgg16, vgg16_bn
@@ -37,11 +37,40 @@ _REGISTRY: dict[str, ModelSpec] = {
     "small_cnn": ModelSpec(small_cnn, 1, 8, "3-conv CNN for 8x8 scikit-learn digits"),
     "vgg16": ModelSpec(vgg16, 3, 32, "VGG-16 for CIFAR, single linear classifier"),
     "vgg16_bn": ModelSpec(vgg16_bn, 3, 32, "VGG-16 with BatchNorm for CIFAR"),
-    "resnet20": ModelSpec(resnet20, 3, 32, "CIFAR ResNet-20, option-B shortcuts"),
-    "resnet32": ModelSpec(resnet32, 3, 32, "CIFAR ResNet-32, option-B shortcuts"),
-    "resnet56": ModelSpec(resnet56, 3, 32, "CIFAR ResNet-56, option-B shortcuts"),
+    "resnet20": ModelSpec(
+        resnet20, 3, 32, "CIFAR ResNet-20: basic blocks, 3 per stage, option-B shortcuts"
+    ),
+    "resnet32": ModelSpec(
+        resnet32, 3, 32, "CIFAR ResNet-32: basic blocks, 5 per stage, option-B shortcuts"
+    ),
+    "resnet56": ModelSpec(
+        resnet56,
+        3,
+        32,
+        "CIFAR ResNet-56: basic blocks, 9 per stage, option-B shortcuts, "
+        "as in the DessiLBI pruning code",
+    ),
+    "resnet56_bottleneck": ModelSpec(
+        resnet56_bottleneck,
+        3,
+        32,
+        "CIFAR ResNet-56: bottleneck blocks, 6 per stage, stage outputs 64/128/256, "
+        "as in the DessiLBI ticket code",
+    ),
+    "resnet50_cifar": ModelSpec(
+        resnet50_cifar,
+        3,
+        32,
+        "CIFAR ResNet-50: basic blocks, 8 per stage, option-B shortcuts, "
+        "as in the DessiLBI lasso-ticket experiments (not the ImageNet resnet50)",
+    ),
     "resnet18": ModelSpec(resnet18, 3, 224, "ImageNet ResNet-18 (basic blocks)"),
-    "resnet50": ModelSpec(resnet50, 3, 224, "ImageNet ResNet-50 (bottleneck blocks)"),
+    "resnet50": ModelSpec(
+        resnet50,
+        3,
+        224,
+        "ImageNet ResNet-50: bottleneck blocks 3/4/6/3 (CIFAR basic-block one: resnet50_cifar)",
+    ),
 }
 
 
@@ -92,8 +121,9 @@ def build_model(
             layers (LeNet-5's ``fc1``, the MLP's first layer) and picks the stem of
             ``resnet18``/``resnet50`` (small-input stem when ``<= 64``).
         **kwargs: model-specific options, passed through to the constructor:
-            ``widths`` (``vgg16``/``vgg16_bn``: 13 conv widths; ``resnet20/32/56``: 3 stage
-            widths; ``resnet18``/``resnet50``: 4 stage widths), ``small_input``
+            ``widths`` (``vgg16``/``vgg16_bn``: 13 conv widths; ``resnet20/32/56`` and
+            ``resnet50_cifar``: 3 stage widths; ``resnet56_bottleneck``: 3 stage planes, outputs
+            4x; ``resnet18``/``resnet50``: 4 stage widths), ``small_input``
             (``resnet18``/``resnet50``), ``hidden`` (``mlp``). An option the model does not
             accept raises ``TypeError``.
 

@@ -9,7 +9,7 @@ W, Γ, V, the gradient and the momentum buffer once and writes W, V, Γ and the 
 the group structures into a per-group reduction (‖V_g‖ of the new V, computed from W, Γ and V)
 followed by that same loop.
 
-The semantics are exactly those of ``dessilbi.optim.optimizer._multi_tensor_dessilbi``; see
+The semantics are exactly those of :func:`dessilbi.optim.functional.multi_tensor_dessilbi`; see
 :class:`dessilbi.DessiLBI` for the algorithm. Cases that gain nothing from compiling are handed
 to that foreach path unchanged:
 
@@ -51,7 +51,7 @@ from typing import Any, cast
 
 import torch
 
-from dessilbi.optim.optimizer import _multi_tensor_dessilbi
+from dessilbi.optim.functional import multi_tensor_dessilbi
 from dessilbi.optim.proximal import group_axis, group_threshold
 
 __all__ = ["clear_fused_cache", "fused_cache_size", "fused_compile_failed", "fused_dessilbi"]
@@ -97,11 +97,13 @@ def fused_dessilbi(
 ) -> None:
     """One DessiLBI step over a param group, fused and compiled with ``torch.compile``.
 
-    Same arguments and effects as ``_multi_tensor_dessilbi``: ``params``, ``vs`` and ``gammas``
-    are updated in place; ``momentum_buffers`` holds None for a parameter on its first step and
-    receives the new buffers (existing buffers are updated in place). ``vs`` and ``gammas`` are
-    ignored when ``structure`` is None. See the module docstring for what is compiled, when it
-    falls back to the foreach path, and the one-time compile cost.
+    Same arguments and effects as :func:`dessilbi.optim.functional.multi_tensor_dessilbi`:
+    ``params``, ``vs`` and ``gammas`` are updated in place; ``momentum_buffers`` holds None for a
+    parameter on its first step and receives the new buffers (existing buffers are updated in
+    place). ``vs`` and ``gammas`` are ignored when ``structure`` is None. Every parameter passed
+    must have a gradient (the optimizer leaves out those whose ``grad`` is None, and their
+    momentum buffers, V and Γ stay as they are). See the module docstring for what is
+    compiled, when it falls back to the foreach path, and the one-time compile cost.
     """
     hyper: dict[str, Any] = {
         "lr": lr,
@@ -117,7 +119,7 @@ def fused_dessilbi(
     }
     first_step = momentum != 0 and any(b is None for b in momentum_buffers)
     if structure is None or not params or first_step:
-        _multi_tensor_dessilbi(params, grads, momentum_buffers, vs, gammas, **hyper)
+        multi_tensor_dessilbi(params, grads, momentum_buffers, vs, gammas, **hyper)
         return
 
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -130,58 +132,80 @@ def fused_dessilbi(
         v_b = [vs[i] for i in idx]
         gamma_b = [gammas[i] for i in idx]
         bufs = [cast(torch.Tensor, momentum_buffers[i]) for i in idx] if momentum != 0 else []
-        if device.type not in _FAILED_DEVICE_TYPES:
-            shapes = tuple(tuple(w.shape) for w in ws)
-            key = (
-                device,
-                dtype,
-                shapes,
-                float(kappa),
-                float(nu),
-                float(lam),
-                float(momentum),
-                float(dampening),
-                bool(nesterov),
-                float(weight_decay),
-                structure,
-                group_scaling,
-            )
-            step = _COMPILED.get(key)
-            new = step is None
-            try:
-                if step is None:
-                    step = _compile_step(
-                        lam_gs=tuple(
-                            group_threshold(lam, structure, shape, group_scaling)
-                            for shape in shapes
-                        ),
-                        kappa=float(kappa),
-                        nu=float(nu),
-                        momentum=float(momentum),
-                        dampening=float(dampening),
-                        nesterov=bool(nesterov),
-                        weight_decay=float(weight_decay),
-                        structure=structure,
-                    )
-                    _COMPILED[key] = step
-                # A new step compiles on this call. Torch's own warnings from inside the
-                # compiler are no business of the caller, and under ``-W error`` they would
-                # turn into a failed compilation.
-                quiet = warnings.catch_warnings() if new else contextlib.nullcontext()
-                with torch.no_grad(), quiet:
-                    if new:
-                        warnings.simplefilter("ignore")
-                    step(ws, gs, bufs, v_b, gamma_b, _lr_tensor(lr, device, dtype))
-                continue
-            except Exception as exc:  # compile errors come in many types
-                # Compiling happens before any generated kernel runs: nothing has changed yet,
-                # and the foreach path below does the whole step.
-                _compile_failed(key, device, exc)
+        if device.type not in _FAILED_DEVICE_TYPES and _run_compiled(
+            ws, gs, bufs, v_b, gamma_b, device=device, dtype=dtype, hyper=hyper
+        ):
+            continue
         bucket_bufs: list[torch.Tensor | None] = list(bufs) if momentum != 0 else [None] * len(idx)
-        _multi_tensor_dessilbi(ws, gs, bucket_bufs, v_b, gamma_b, **hyper)
+        multi_tensor_dessilbi(ws, gs, bucket_bufs, v_b, gamma_b, **hyper)
         if momentum != 0:
             for i, b in zip(idx, bucket_bufs, strict=True):
                 momentum_buffers[i] = b
+
+
+def _run_compiled(
+    ws: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    gammas: list[torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    hyper: dict[str, Any],
+) -> bool:
+    """Run the compiled step of one bucket (one device and dtype), compiling it on first use.
+
+    Returns False, with nothing changed, where compiling failed: the caller then runs the
+    foreach path, and the failure is remembered and reported once (:func:`_compile_failed`).
+    """
+    structure, lam, group_scaling = hyper["structure"], hyper["lam"], hyper["group_scaling"]
+    shapes = tuple(tuple(w.shape) for w in ws)
+    key = (
+        device,
+        dtype,
+        shapes,
+        float(hyper["kappa"]),
+        float(hyper["nu"]),
+        float(lam),
+        float(hyper["momentum"]),
+        float(hyper["dampening"]),
+        bool(hyper["nesterov"]),
+        float(hyper["weight_decay"]),
+        structure,
+        group_scaling,
+    )
+    step = _COMPILED.get(key)
+    new = step is None
+    try:
+        if step is None:
+            step = _compile_step(
+                lam_gs=tuple(
+                    group_threshold(lam, structure, shape, group_scaling) for shape in shapes
+                ),
+                kappa=float(hyper["kappa"]),
+                nu=float(hyper["nu"]),
+                momentum=float(hyper["momentum"]),
+                dampening=float(hyper["dampening"]),
+                nesterov=bool(hyper["nesterov"]),
+                weight_decay=float(hyper["weight_decay"]),
+                structure=structure,
+            )
+            _COMPILED[key] = step
+        # A new step compiles on this call. Torch's own warnings from inside the compiler are
+        # no business of the caller, and under ``-W error`` they would turn into a failed
+        # compilation.
+        quiet = warnings.catch_warnings() if new else contextlib.nullcontext()
+        with torch.no_grad(), quiet:
+            if new:
+                warnings.simplefilter("ignore")
+            step(ws, gs, bufs, vs, gammas, _lr_tensor(hyper["lr"], device, dtype))
+    except Exception as exc:  # compile errors come in many types
+        # Compiling happens before any generated kernel runs: nothing has changed yet, and the
+        # foreach path does the whole step.
+        _compile_failed(key, device, exc)
+        return False
+    return True
 
 
 def fused_cache_size() -> int:
@@ -212,7 +236,7 @@ def _compile_failed(key: tuple[object, ...], device: torch.device, exc: Exceptio
         f"({type(exc).__name__}: {str(exc).strip()[:300]}); using the unfused foreach path "
         "from now on.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of fused_dessilbi
     )
 
 

@@ -1,25 +1,28 @@
-"""The DessiLBI optimizer: SGD on the weights W, an inverse scale space on their twin Γ."""
+"""The DessiLBI optimizer: SGD on the weights W, an inverse scale space on their twin Γ.
+
+The class and the functional dispatcher :func:`dessilbi` live here; the step itself is in
+:mod:`dessilbi.optim.functional` (eager) and :mod:`dessilbi.optim.fused` (compiled).
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from dessilbi.optim.proximal import (
-    GROUP_SCALINGS,
-    STRUCTURES,
-    check_structure,
-    group_threshold,
-    prox,
-)
+from dessilbi.optim.functional import multi_tensor_dessilbi, single_tensor_dessilbi
+from dessilbi.optim.fused import fused_dessilbi
+from dessilbi.optim.proximal import GROUP_SCALINGS, STRUCTURES, check_structure
 
 __all__ = ["DessiLBI", "NonFiniteGradientError", "dessilbi"]
 
 _NONFINITE_POLICIES = ("raise", "skip")
+# The per-parameter state tensors, all of the parameter's shape.
+_STATE_TENSORS = ("v", "gamma", "momentum_buffer")
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -53,13 +56,25 @@ class DessiLBI(Optimizer):
       ``V[:, j, ...]`` (group lasso), exactly zero when ``‖V_g‖ ≤ λ_g``.
 
     State per parameter: ``"momentum_buffer"`` (when momentum > 0), and for coupled parameters
-    ``"v"`` (V) and ``"gamma"`` (Γ), all tensors, so ``state_dict()`` restores a run exactly.
+    ``"v"`` (V) and ``"gamma"`` (Γ), all tensors, so ``state_dict()`` restores a run exactly;
+    :meth:`load_state_dict` refuses a state saved for other param groups or parameters.
     Parameters whose ``grad`` is None are skipped entirely, as in ``torch.optim.SGD``.
 
     Non-finite gradients: before anything is changed, every step checks that all gradients are
     finite. With ``nonfinite="raise"`` (default) it raises :class:`NonFiniteGradientError` and
     leaves parameters and state untouched; with ``nonfinite="skip"`` it warns and skips the step
     (useful with mixed precision, where an occasional overflow is expected).
+
+    Performance note: on CPU, call ``torch.set_flush_denormal(True)`` before training with the
+    bare optimizer (:func:`dessilbi.train.train` does this itself). Γ stays exactly zero on the
+    groups that have not been selected, and the coupling pulls their weights towards it by a
+    factor of about ``1 − κ·lr/ν`` per step. Over thousands of steps those weights decay
+    geometrically into the float32 subnormal range (below about 1.2e-38). Many CPUs, x86 in
+    particular, handle subnormal operands in a slow microcode path, tens of times slower per
+    operation. This slows the optimizer step and the forward and backward passes through those
+    weights. Flushing subnormals to zero loses nothing that matters, because these weights are
+    zero in the sparse network ``W ⊙ 1[Γ ≠ 0]`` anyway. The setting changes only the CPU's
+    floating-point mode and does nothing on GPUs.
 
     Args:
         params: parameters or param groups; :func:`dessilbi.structured_param_groups` builds groups
@@ -131,6 +146,36 @@ class DessiLBI(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, refusing one saved for other parameters.
+
+        ``torch.optim.Optimizer.load_state_dict`` assigns the saved state by position alone: a
+        checkpoint loaded into reordered groups, or groups listing their parameters in another
+        order, would silently hand one tensor's V, Γ and momentum buffer to another of the same
+        shape. Before anything is loaded this checks that the saved param groups match the
+        current ones: the same number of groups and of parameters per group, the same
+        ``structure`` per group, the same ``param_names`` in the same order where both sides
+        carry them (as the groups of :func:`dessilbi.structured_param_groups` do, and torch
+        saves them), and every saved ``"v"``, ``"gamma"`` and ``"momentum_buffer"`` of the shape
+        of the parameter it goes to. A mismatch raises ``ValueError`` naming the group and
+        parameter, and nothing changes. As in torch, the saved hyperparameters replace the
+        current ones, and load-state-dict pre-hooks run first (so a hook can still remap a
+        checkpoint); the check sees their result.
+        """
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        state_dict = state_dict.copy()  # shallow, as torch does: hooks may edit their copy
+        for hook in hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        _check_loadable(self.param_groups, state_dict)
+        # The hooks have run; torch's implementation must not run them a second time.
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
 
     def _gather(
         self, group: dict[str, Any]
@@ -249,6 +294,64 @@ def _validate_group(group: dict[str, Any]) -> None:
         check_structure(group["structure"], p.shape)
 
 
+def _check_loadable(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` was saved for param groups like ``groups``."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"cannot load the optimizer state: it was saved with {len(saved_groups)} param "
+            f"groups, this optimizer has {len(groups)}; nothing was loaded"
+        )
+    saved_state = state_dict.get("state", {})
+    for gi, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        _check_group_loadable(gi, group, saved, saved_state)
+
+
+def _check_group_loadable(
+    gi: int, group: dict[str, Any], saved: dict[str, Any], saved_state: dict[Any, Any]
+) -> None:
+    """The checks of :meth:`DessiLBI.load_state_dict` for param group ``gi``."""
+    params, ids = group["params"], saved["params"]
+    names, saved_names = group.get("param_names"), saved.get("param_names")
+    if len(ids) != len(params):
+        raise ValueError(
+            f"cannot load the optimizer state: param group {gi} holds {len(params)} "
+            f"parameters, the saved group {len(ids)}; nothing was loaded"
+        )
+
+    def label(pi: int) -> str:
+        name = f"{names[pi]!r} " if names is not None and pi < len(names) else ""
+        return f"parameter {name}(group {gi}, index {pi})"
+
+    if names is not None and saved_names is not None:
+        for pi in range(len(params)):
+            saved_name = saved_names[pi] if pi < len(saved_names) else None
+            if pi >= len(names) or names[pi] != saved_name:
+                raise ValueError(
+                    f"cannot load the optimizer state: the state for {label(pi)} was saved for "
+                    f"{saved_name!r}; the param groups must list the same parameters in the "
+                    "same order as when it was saved. Nothing was loaded"
+                )
+    if "structure" not in saved or saved["structure"] != group["structure"]:
+        what = repr(saved["structure"]) if "structure" in saved else "none (not a DessiLBI state)"
+        raise ValueError(
+            f"cannot load the optimizer state: param group {gi} has structure "
+            f"{group['structure']!r}, the saved group {what}; nothing was loaded"
+        )
+    for pi, (p, pid) in enumerate(zip(params, ids, strict=True)):
+        state = saved_state.get(pid)
+        if not isinstance(state, dict):
+            continue
+        for key in _STATE_TENSORS:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                raise ValueError(
+                    f"cannot load the optimizer state: the saved {key!r} of {label(pi)} has "
+                    f"shape {tuple(value.shape)}, the parameter has shape {tuple(p.shape)}; "
+                    "nothing was loaded"
+                )
+
+
 def _nonfinite_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients holding NaN or Inf (empty in the common case, found in one cheap pass)."""
     if not grads:
@@ -301,18 +404,24 @@ def dessilbi(
 
     Updates ``params``, ``vs`` and ``gammas`` in place. ``momentum_buffers`` holds None for a
     parameter on its first step; the new buffers are written back into the list. ``vs`` and
-    ``gammas`` are ignored (may be empty) when ``structure`` is None. ``fused`` selects the
-    compiled path, ``foreach=False`` the per-tensor one, else the multi-tensor path is used.
+    ``gammas`` are ignored (may be empty) when ``structure`` is None; parameters whose
+    gradient is None must be left out. ``fused`` selects the compiled path
+    (:func:`dessilbi.optim.fused.fused_dessilbi`), ``foreach=False`` the per-tensor one
+    (:func:`dessilbi.optim.functional.single_tensor_dessilbi`), else the multi-tensor path
+    (:func:`dessilbi.optim.functional.multi_tensor_dessilbi`) is used.
+
+    This dispatcher lives here, above both :mod:`~dessilbi.optim.functional` and
+    :mod:`~dessilbi.optim.fused`, so that the imports of the package go one way only.
     """
     if foreach is None:
         foreach = not torch.jit.is_scripting()
-    if fused:
-        # Imported here: the fused module builds on this one's foreach path.
-        from dessilbi.optim.fused import fused_dessilbi
-
-        impl = fused_dessilbi
-    else:
-        impl = _multi_tensor_dessilbi if foreach else _single_tensor_dessilbi
+    impl: Callable[..., None] = (
+        fused_dessilbi
+        if fused
+        else multi_tensor_dessilbi
+        if foreach
+        else single_tensor_dessilbi
+    )
     impl(
         params,
         grads,
@@ -331,119 +440,3 @@ def dessilbi(
         group_scaling=group_scaling,
     )
 
-
-def _single_tensor_dessilbi(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor | None],
-    vs: list[torch.Tensor],
-    gammas: list[torch.Tensor],
-    *,
-    lr: float,
-    kappa: float,
-    nu: float,
-    lam: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    structure: str | None,
-    group_scaling: str,
-) -> None:
-    for i, w in enumerate(params):
-        g = grads[i]
-        if weight_decay != 0:
-            g = g.add(w, alpha=weight_decay)
-        if momentum != 0:
-            b = momentum_buffers[i]
-            if b is None:
-                b = torch.clone(g).detach()
-                momentum_buffers[i] = b
-            else:
-                b.mul_(momentum).add_(g, alpha=1 - dampening)
-            d = g.add(b, alpha=momentum) if nesterov else b
-        else:
-            d = g
-        if structure is None:
-            w.add_(d, alpha=-kappa * lr)
-            continue
-        v, gamma = vs[i], gammas[i]
-        coupling = w - gamma  # W_k − Γ_k, taken before W moves
-        w.add_(d + coupling / nu, alpha=-kappa * lr)
-        v.add_(coupling, alpha=lr / nu)
-        lam_g = group_threshold(lam, structure, w.shape, group_scaling)
-        prox(v, structure, lam_g, kappa, out=gamma)
-
-
-def _multi_tensor_dessilbi(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor | None],
-    vs: list[torch.Tensor],
-    gammas: list[torch.Tensor],
-    *,
-    lr: float,
-    kappa: float,
-    nu: float,
-    lam: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    structure: str | None,
-    group_scaling: str,
-) -> None:
-    coupled = structure is not None
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.dtype), []).append(i)
-
-    for idx in buckets.values():
-        ws = [params[i] for i in idx]
-        gs = [grads[i] for i in idx]
-        # The update is ordered so that no tensor pass is spent on temporaries: everything that
-        # needs W_k and Γ_k (the V update, weight decay, the coupling pull on W) runs before the
-        # loss-gradient step moves W, and Γ is recomputed from V last.
-        if coupled:
-            v_b = [vs[i] for i in idx]
-            gamma_b = [gammas[i] for i in idx]
-            torch._foreach_add_(v_b, ws, alpha=lr / nu)
-            torch._foreach_add_(v_b, gamma_b, alpha=-lr / nu)
-        if weight_decay != 0:
-            gs = cast(list[torch.Tensor], torch._foreach_add(gs, ws, alpha=weight_decay))
-        if coupled:
-            # W − (κ·lr/ν)(W − Γ), in one pass.
-            torch._foreach_lerp_(ws, gamma_b, kappa * lr / nu)
-        if momentum == 0:
-            torch._foreach_add_(ws, gs, alpha=-kappa * lr)
-        else:
-            bufs = _momentum_update(
-                [momentum_buffers[i] for i in idx], gs, momentum=momentum, dampening=dampening
-            )
-            for i, b in zip(idx, bufs, strict=True):
-                momentum_buffers[i] = b
-            d = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
-            torch._foreach_add_(ws, d, alpha=-kappa * lr)
-        if coupled:
-            for w, v, gamma in zip(ws, v_b, gamma_b, strict=True):
-                lam_g = group_threshold(lam, structure, w.shape, group_scaling)
-                prox(v, cast(str, structure), lam_g, kappa, out=gamma)
-
-
-def _momentum_update(
-    buffers: list[torch.Tensor | None],
-    grads: list[torch.Tensor],
-    *,
-    momentum: float,
-    dampening: float,
-) -> list[torch.Tensor]:
-    """``b = momentum·b + (1 − dampening)·g`` over a bucket; ``b = g`` for a fresh buffer."""
-    old = [j for j, b in enumerate(buffers) if b is not None]
-    if old:
-        old_bufs = [cast(torch.Tensor, buffers[j]) for j in old]
-        torch._foreach_mul_(old_bufs, momentum)
-        torch._foreach_add_(old_bufs, [grads[j] for j in old], alpha=1 - dampening)
-    return [
-        b if b is not None else torch.clone(g).detach()
-        for b, g in zip(buffers, grads, strict=True)
-    ]
