@@ -72,8 +72,9 @@ def _ratios(hists: dict[str, list[dict[str, Any]]], a: str, b: str, epochs: rang
 
 def write_markdown(hists: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     done = min(len(h) for h in hists.values())
-    late = range(max(2, done // 2 + 1), done + 1)
+    # The first epoch pays for warm-up; it counts only while it is the only one.
     every = range(2, done + 1) if done > 1 else range(1, 2)
+    late = range(max(every.start, done // 2 + 1), done + 1)
     lines = [
         "# ResNet-20 on CIFAR-10: fp32 against bf16 autocast + channels-last",
         "",

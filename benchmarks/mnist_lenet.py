@@ -40,7 +40,8 @@ Options: ``--only NAME ...`` (a subset of the accuracy runs; earlier results wit
 stay in the JSON file and the table), ``--runs-dir`` (a finished run is only read back),
 ``--out`` (the markdown table; the raw figures go next to it as ``.json``), ``--threads`` (torch
 threads, default 1), ``--timing-rounds 0`` (no speed measurement; an earlier one is kept),
-``--only`` with no names (only the speed measurement).
+``--only`` with no names (only the speed measurement), ``--timing-from-epoch K`` (time epochs
+K+1, ... instead of the first ones: late epochs, where the unselected weights have decayed).
 """
 
 from __future__ import annotations
@@ -193,15 +194,19 @@ def interleaved_timing(args: argparse.Namespace) -> dict[str, Any]:
     bare = BareLoop(args)
     names = ["bare_loop", *RUNS]
     times: dict[str, list[float]] = {name: [] for name in names}
+    start = args.timing_from_epoch
+    for name in RUNS if start else ():
+        # Untimed: late epochs are slower where unselected weights have decayed (subnormals).
+        train(make_config(name, args, epochs=start, out=str(timing_dir)), quiet=True)
     for rnd in range(args.timing_rounds):
         order = names if rnd % 2 == 0 else names[::-1]
         for name in order:
             if name == "bare_loop":
                 times[name].append(bare.epoch())
                 continue
-            config = make_config(name, args, epochs=rnd + 1, out=str(timing_dir))
+            config = make_config(name, args, epochs=start + rnd + 1, out=str(timing_dir))
             run_dir = timing_dir / str(config.run_name)
-            train(config, quiet=True, resume_dir=run_dir if rnd else None)
+            train(config, quiet=True, resume_dir=run_dir if rnd or start else None)
             times[name].append(read_history(run_dir)[-1]["epoch_time"])
         print(f"timing round {rnd + 1}/{args.timing_rounds}: "
               + ", ".join(f"{n} {times[n][-1]:.2f}" for n in names), flush=True)
@@ -215,6 +220,7 @@ def interleaved_timing(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "rounds": args.timing_rounds,
+        "first_epoch": start + 1,
         "epoch_times": times,
         "mean_epoch_time": {name: statistics.mean(t) for name, t in kept.items()},
         "ratio_to_sgd": {
@@ -260,7 +266,10 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         f"{platform.machine()}).",
         "",
         f"Produced by `{command_line(args)} --timing-rounds "
-        f"{timing['rounds'] if timing else 0}` (runs "
+        f"{timing['rounds'] if timing else 0}"
+        + (f" --timing-from-epoch {timing['first_epoch'] - 1}"
+           if timing and timing.get("first_epoch", 1) > 1 else "")
+        + "` (runs "
         "already finished in `--runs-dir` are read back).",
         "",
         "| optimizer | dense W test acc (%) | sparse W̃ test acc (%) | conv3 filters selected "
@@ -314,7 +323,9 @@ def write_markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             "## Speed, measured side by side",
             "",
             f"Epoch times of the training loop (no evaluation), from {timing['rounds']} "
-            f"interleaved rounds of one epoch per run (first round left out, {kept} kept); a "
+            f"interleaved rounds of one epoch per run (epochs {timing.get('first_epoch', 1)}"
+            f"–{timing.get('first_epoch', 1) + timing['rounds'] - 1}; first round left out, "
+            f"{kept} kept); a "
             "ratio is the sum of one run's epoch times over its baseline's over the same rounds.",
             "",
             "| run | epoch time (s) | ratio | per-round ratios |",
@@ -353,6 +364,9 @@ def main() -> None:
                         choices=["filter", "channel", "element", "none"])
     parser.add_argument("--exclude", nargs="*", default=["conv1", "conv2"],
                         help="module names left uncoupled in the DessiLBI runs")
+    parser.add_argument("--timing-from-epoch", type=int, default=0,
+                        help="train every run this many epochs before the timed rounds (to "
+                        "time late epochs, where the unselected weights have decayed)")
     parser.add_argument("--timing-rounds", type=int, default=5,
                         help="rounds of the interleaved speed measurement: 0 (none) or an odd "
                         "number >= 3, so that the kept rounds run in each order equally often")

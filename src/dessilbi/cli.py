@@ -20,7 +20,7 @@ Examples:
   dessilbi train                                  # the digits demo (embedded data)
   dessilbi train --config mnist_lenet5 --data-dir ../shared/data
   dessilbi train --config cifar10_resnet20 --data-dir data --nu 50 --epochs 20
-  dessilbi train --resume runs/mnist-lenet5-dessilbi-nu20-seed0
+  dessilbi train --resume runs/mnist-lenet5-dessilbi-nu20-seed0-<hash>
   torchrun --nproc_per_node=2 -m dessilbi train --config cifar10_resnet56 --data-dir data
 """
 
