@@ -1,6 +1,6 @@
 """A training run with a mask held fixed by a step callback, as a subprocess for resume tests.
 
-Usage: ``python tests/masked_run.py OUT [--epochs N] [--log-every K] [--no-hold]``
+Usage: ``python tests/masked_run.py OUT [--epochs N] [--pause-at-step K] [--no-hold]``
 
 DessiLBI with Nesterov momentum and weight decay on the digits CNN; every other entry of
 ``conv2``'s weight and the biases of its odd filters are masked out (entries, not whole filters:
@@ -8,13 +8,15 @@ a filter whose weights and bias are all zero gets no gradient through its ReLU, 
 zero without any help). With the mask held (the default), a second
 callback checks after every step that every masked entry is exactly zero and exits with status 3
 if not. ``--no-hold`` zeroes the mask once at the start only (the control: momentum and weight
-decay then move the pruned weights off zero).
+decay then move the pruned weights off zero). ``--pause-at-step K`` prints ``paused at step K``
+after step K and sleeps, so that a test can kill the run at a known point.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,10 +37,15 @@ def conv2_masks() -> dict[str, torch.Tensor]:
 
 
 class CheckZero(Callback):
-    """Fails the run as soon as a masked entry is not exactly zero after a step."""
+    """Fails the run as soon as a masked entry is not exactly zero after a step.
 
-    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+    With ``pause_at``, it also prints a line after that step and sleeps there (stateless, so
+    the killed run and its resumption hold the same callbacks).
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor], pause_at: int = 0) -> None:
         self.masks = masks
+        self.pause_at = pause_at
 
     def on_step_end(self, run: TrainingRun) -> None:
         params = dict(run.model.named_parameters())
@@ -46,6 +53,9 @@ class CheckZero(Callback):
             if bool((params[name].detach()[~keep] != 0).any()):
                 print(f"masked entries of {name} moved off zero at step {run.step}", flush=True)
                 sys.exit(3)
+        if run.step == self.pause_at:
+            print(f"paused at step {run.step}", flush=True)
+            time.sleep(300)
 
 
 class ZeroOnce(Callback):
@@ -63,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--log-every", type=int, default=0)
+    parser.add_argument("--pause-at-step", type=int, default=0)
     parser.add_argument("--no-hold", action="store_true")
     args = parser.parse_args()
     config = load_config("digits", {
@@ -72,9 +82,10 @@ def main() -> None:
     })
     masks = conv2_masks()
     callbacks: list[Callback] = (
-        [ZeroOnce(masks)] if args.no_hold else [FixedMask(masks), CheckZero(masks)]
+        [ZeroOnce(masks)] if args.no_hold
+        else [FixedMask(masks), CheckZero(masks, args.pause_at_step)]
     )
-    result = train(config, quiet=True, log_every=args.log_every, callbacks=callbacks)
+    result = train(config, quiet=True, callbacks=callbacks)
     print(f"done {result.epochs} {result.test_acc:.2f}", flush=True)
 
 

@@ -24,26 +24,8 @@ from dessilbi.train import train
 
 SCRIPT = Path(__file__).with_name("masked_run.py")
 sys.path.insert(0, str(SCRIPT.parent))
+from compare import assert_same  # noqa: E402
 from masked_run import conv2_masks  # noqa: E402
-
-
-def _same(a: Any, b: Any, where: str = "") -> None:
-    """Bitwise equality of nested dicts / lists of tensors and plain values."""
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or (a.is_floating_point() and bool(
-            ((a == b) | (a.isnan() & b.isnan())).all())), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
@@ -63,11 +45,11 @@ def test_fixed_mask_holds_through_momentum_and_decay_and_resumes_bitwise_after_s
     assert whole.returncode == 0, whole.stdout + whole.stderr  # 3: a masked entry moved
 
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "killed"),
-                             "--log-every", "1"], stdout=subprocess.PIPE,
+                             "--pause-at-step", str(22 + 9)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.startswith("epoch 2 step 9/"):
+        if line.startswith("paused at step 31"):  # it sleeps there: killed mid-epoch 2
             os.kill(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
@@ -79,12 +61,12 @@ def test_fixed_mask_holds_through_momentum_and_decay_and_resumes_bitwise_after_s
 
     reference = tmp_path / "whole" / "masked"
     for name in ("model.pt", "path.pt"):
-        _same(torch.load(reference / name, weights_only=True),
+        assert_same(torch.load(reference / name, weights_only=True),
               torch.load(killed / name, weights_only=True), name)
     a = torch.load(reference / "checkpoint.pt", weights_only=True)
     b = torch.load(killed / "checkpoint.pt", weights_only=True)
     for key in ("model", "optimizer", "callbacks", "rng", "architecture"):
-        _same(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     assert _metrics(reference) == _metrics(killed)
     assert _metrics(killed)[-1]["mask_kept"] == [16 * 16 * 9 + 16, 32 * 16 * 9 + 32]
     assert len(_metrics(killed)) == 3
@@ -93,6 +75,21 @@ def test_fixed_mask_holds_through_momentum_and_decay_and_resumes_bitwise_after_s
     for name, keep in conv2_masks().items():
         assert bool((final[name][~keep] == 0).all()), name
         assert bool((final[name][keep] != 0).all()), name
+    # A pruned entry carries no optimizer state either: momentum, V and Γ are zero there.
+    state = _optimizer_state_of(b["optimizer"], "conv2.weight")
+    assert set(state) == {"momentum_buffer", "v", "gamma"}
+    keep = conv2_masks()["conv2.weight"]
+    for key, value in state.items():
+        assert bool((value[~keep] == 0).all()), key
+    assert bool((state["momentum_buffer"][keep] != 0).any())
+
+
+def _optimizer_state_of(optimizer_state: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    for group in optimizer_state["param_groups"]:
+        for index, param_name in zip(group["params"], group["param_names"], strict=True):
+            if param_name == name:
+                return optimizer_state["state"][index]
+    raise KeyError(name)
 
 
 def test_without_holding_the_mask_momentum_and_decay_revive_pruned_weights(
@@ -126,13 +123,14 @@ class CrashAt(Callback):
 
 
 class Widen(Callback):
-    """At the end of epoch 1, widens the MLP's first hidden layer from 64 to 72 units."""
+    """At the end of an epoch, widens the MLP's first hidden layer from 64 to 72 units."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_epoch: int = 1) -> None:
+        self.at_epoch = at_epoch
         self.widened_at: int | None = None
 
     def on_epoch_end(self, run: TrainingRun) -> dict[str, Any]:
-        if run.epoch == 1:
+        if run.epoch == self.at_epoch:
             kwargs = {**run.architecture.kwargs, "hidden": [72, 32]}
             architecture = Architecture(run.architecture.name, kwargs)
             wider = architecture.build()
@@ -172,13 +170,45 @@ def test_a_model_that_changed_shape_resumes_from_its_saved_architecture(tmp_path
 
     assert resumed.model is not None and whole.model is not None
     assert resumed.model.state_dict()["layers.fc1.weight"].shape == (72, 64)
-    _same(whole.model.state_dict(), resumed.model.state_dict())
-    _same(torch.load(whole.run_dir / "path.pt", weights_only=True),
+    assert_same(whole.model.state_dict(), resumed.model.state_dict())
+    assert_same(torch.load(whole.run_dir / "path.pt", weights_only=True),
           torch.load(resumed.run_dir / "path.pt", weights_only=True))
     assert _metrics(whole.run_dir) == _metrics(resumed.run_dir)
     assert [m["width"] for m in _metrics(resumed.run_dir)] == [72, 72, 72]
     path = torch.load(resumed.run_dir / "path.pt", weights_only=True)
     assert "layers.fc1.weight" in path["names"]
+
+
+def test_a_crash_between_path_file_and_checkpoint_resumes_bitwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """path.pt is one epoch ahead of the checkpoint (and of a widening): cut back on resume."""
+    import dessilbi.run_files as run_files
+
+    whole = train(_mlp_config(tmp_path / "whole"), quiet=True, callbacks=[Widen(2), CrashAt(-1)])
+    real_save = run_files.atomic_save
+
+    def save(obj: Any, path: Path) -> None:
+        if path.name == "checkpoint.pt" and obj["epoch"] == 2:
+            raise _Crash  # after path.pt and metrics.jsonl of epoch 2 were written
+        real_save(obj, path)
+
+    config = _mlp_config(tmp_path / "crashed")
+    monkeypatch.setattr(run_files, "atomic_save", save)
+    with pytest.raises(_Crash):
+        train(config, quiet=True, callbacks=[Widen(2), CrashAt(-1)])
+    monkeypatch.setattr(run_files, "atomic_save", real_save)
+    run = tmp_path / "crashed" / "grown"
+    assert torch.load(run / "path.pt", weights_only=True)["epochs"].tolist() == [1, 2]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+    resumed = train(config, quiet=True, callbacks=[Widen(2), CrashAt(-1)])
+    assert_same(torch.load(whole.run_dir / "path.pt", weights_only=True),
+                torch.load(resumed.run_dir / "path.pt", weights_only=True))
+    assert_same(torch.load(whole.run_dir / "model.pt", weights_only=True),
+                torch.load(resumed.run_dir / "model.pt", weights_only=True))
+    assert _metrics(whole.run_dir) == _metrics(resumed.run_dir)
+    assert [m["width"] for m in _metrics(resumed.run_dir)] == [64, 72, 72]
 
 
 def test_resume_with_other_callbacks_is_refused(tmp_path: Path) -> None:
@@ -198,7 +228,7 @@ def test_a_run_starts_from_given_weights_a_model_object_and_an_optimizer_factory
     # From a file, through the config: seed 0 would draw other weights.
     second = train(load_config("digits", {"epochs": 1, "out": str(tmp_path),
                                           "init_from": str(init)}), quiet=True)
-    _same(torch.load(init, weights_only=True),
+    assert_same(torch.load(init, weights_only=True),
           torch.load(second.run_dir / "init.pt", weights_only=True))
     # A model object and an optimizer factory: the run trains that very object.
     net = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8)
@@ -235,3 +265,25 @@ def test_sparse_evaluation_through_any_mask_provider(tmp_path: Path) -> None:
     assert result.test_acc > 80
     assert result.test_acc_sparse is not None and result.test_acc_sparse < 20
     assert result.model is not None and bool((result.model.conv3.weight != 0).all())
+
+
+def test_fixed_mask_refuses_other_masks_on_resume_and_leaves_step_counters_alone() -> None:
+    from dessilbi.callbacks import FixedMask
+    from dessilbi.masks import apply_masks
+
+    keep = {"weight": torch.tensor([[True, False], [False, True]])}
+    mask = FixedMask(keep, name="ticket")
+    assert mask.name == "ticket"
+    mask.load_state_dict(FixedMask(keep).state_dict())  # the same masks: fine
+    with pytest.raises(ValueError, match="ticket: the run was trained with other masks"):
+        mask.load_state_dict(FixedMask({"weight": ~keep["weight"]}).state_dict())
+
+    layer = nn.Linear(2, 2, bias=False)
+    adam = torch.optim.Adam(layer.parameters())
+    layer(torch.ones(1, 2)).sum().backward()
+    adam.step()
+    apply_masks(layer, keep, adam)
+    state = adam.state[layer.weight]
+    assert bool((layer.weight[~keep["weight"]] == 0).all())
+    assert bool((state["exp_avg"][~keep["weight"]] == 0).all())
+    assert float(state["step"]) == 1.0  # a counter, not per-entry state

@@ -8,7 +8,7 @@ run's ``path.pt`` with :func:`load_path`), masks, and the hooks of the one train
 
 from dessilbi.callbacks import Callback, FixedMask
 from dessilbi.masks import apply_masks, masked_weights
-from dessilbi.numerics import flush_denormal
+from dessilbi.numerics import flush_denormal, set_flush_denormal
 from dessilbi.optim import STRUCTURES, DessiLBI, NonFiniteGradientError, group_norms, prox
 from dessilbi.path import (
     CoupledTensor,
@@ -48,6 +48,7 @@ __all__ = [
     "masked_weights",
     "prox",
     "selected_groups",
+    "set_flush_denormal",
     "sparse_weights",
     "structured_param_groups",
     "support_masks",

@@ -63,9 +63,14 @@ class FixedMask(Callback):
     an entry is kept; biases and normalisation parameters may be masked too.
     """
 
-    def __init__(self, masks: Masks) -> None:
+    def __init__(self, masks: Masks, name: str = "FixedMask") -> None:
         self.masks = {name: mask.detach().cpu().clone() for name, mask in masks.items()}
+        self._name = name
         self._on_device: dict[str, torch.Tensor] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     def on_train_start(self, run: TrainingRun) -> None:
         self._on_device = {n: m.to(run.device) for n, m in self.masks.items()}
@@ -84,9 +89,11 @@ class FixedMask(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["masks"]
-        if set(saved) != set(self.masks):
+        differ = sorted(set(saved) ^ set(self.masks)) or [
+            n for n in saved if not torch.equal(saved[n], self.masks[n])
+        ]
+        if differ:
             raise ValueError(
-                f"FixedMask: the checkpoint holds masks for {sorted(saved)}, this callback for "
-                f"{sorted(self.masks)}"
+                f"{self.name}: the run was trained with other masks ({', '.join(differ)} "
+                "differ); resume with the masks it started with"
             )
-        self.masks = {name: mask.clone() for name, mask in saved.items()}

@@ -66,7 +66,8 @@ def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"{saved}: missing; is {run_dir} a dessilbi run directory?")
-    allowed = {"epochs", "schedule_epochs", "device", "workers", "eval_batch_size", "data_dir"}
+    allowed = {"epochs", "schedule_epochs", "device", "workers", "eval_batch_size", "data_dir",
+               "download"}
     changed = sorted(set(overrides) - allowed)
     if changed:
         raise ConfigError(

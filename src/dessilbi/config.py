@@ -199,6 +199,10 @@ class TrainConfig:
     def config_hash(self) -> str:
         """6 hex digits of a hash of every key that defines the run's numbers."""
         values = {k: v for k, v in self.to_dict().items() if k not in _RUN_LOCATION_KEYS}
+        if values["schedule_epochs"] == self.epochs:
+            # Resolved from ``epochs``: hashed as unset, so that the same command with another
+            # --epochs finds its run directory (and is told about the schedule length).
+            values["schedule_epochs"] = None
         blob = json.dumps(values, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:6]
 

@@ -64,8 +64,10 @@ def apply_masks(model: nn.Module, masks: Masks, optimizer: Optimizer | None = No
         param.mul_(keep)
         if optimizer is None:
             continue
-        for value in optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+        for key, value in optimizer.state.get(param, {}).items():
+            # Per-entry state only: not step counters (a 0-d parameter's shape is theirs too).
+            per_entry = isinstance(value, torch.Tensor) and value.is_floating_point()
+            if key != "step" and per_entry and value.shape == param.shape:
                 value.mul_(keep)
 
 

@@ -6,7 +6,9 @@ zero, so they (and their momentum buffers) end in the float32 subnormal range (b
 batch 128 took 32.6 ms as loaded from a late checkpoint against 10.5 ms with subnormals flushed.
 :func:`flush_denormal` sets the CPU's flush-to-zero / denormals-are-zero modes for a block; the
 training loop uses it on CPU (``flush_denormal: true``, the default). Users of the bare optimizer
-call ``torch.set_flush_denormal(True)`` once, or train inside ``with flush_denormal():``. A
+train inside ``with flush_denormal():`` or call :func:`set_flush_denormal` (``True``) once;
+``torch.set_flush_denormal(True)`` alone reaches only the calling thread, not the intra-op
+threads that already exist. A
 flushed value is one a float32 cannot represent at full precision anyway; the selection is
 unchanged (Γ's support is decided by ‖V_g‖ against λ, far above that range).
 """
@@ -14,39 +16,97 @@ unchanged (Γ's support is decided by ‖V_g‖ against λ, far above that range
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["autocast_factory", "flush_denormal", "gradient_scaler", "input_preparer"]
+__all__ = [
+    "autocast_factory",
+    "flush_denormal",
+    "flush_denormal_active",
+    "gradient_scaler",
+    "input_preparer",
+    "set_flush_denormal",
+]
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def flush_denormal_active() -> bool:
+    """Whether subnormal results are flushed to zero on the calling thread right now."""
+    return float(torch.tensor([1e-39]).mul(1.0)) == 0.0
+
+
+def set_flush_denormal(on: bool) -> bool:
+    """``torch.set_flush_denormal(on)`` on the calling thread *and* torch's OpenMP threads.
+
+    The CPU's flush-to-zero mode is a per-thread setting: torch's own call reaches only the
+    calling thread, so with several intra-op threads whose pool already exists, the work that
+    lands on the other threads would stay slow. Where torch runs on GNU OpenMP (its Linux
+    builds), the mode is also set inside one parallel region over the whole pool. Returns
+    whether the CPU supports the mode.
+    """
+    supported = torch.set_flush_denormal(on)
+    if supported and torch.get_num_threads() > 1:
+        _on_openmp_threads(on)
+    return supported
 
 
 @contextlib.contextmanager
 def flush_denormal(enabled: bool = True) -> Iterator[bool]:
     """Flush subnormal floats to zero on the CPU inside the block; yields whether it is on.
 
-    The outermost block switches the mode off again on exit: torch cannot report the mode
-    that was set before, so one set with ``torch.set_flush_denormal(True)`` outside the block
-    ends with it too.
+    On exit the mode is put back as it was found on the calling thread (so nested blocks and a
+    mode the caller set beforehand are left alone).
     """
-    global _depth
     if not enabled:
         yield False
         return
-    supported = torch.set_flush_denormal(True)
-    _depth += 1
+    was_on = flush_denormal_active()
+    supported = was_on or set_flush_denormal(True)
     try:
         yield supported
     finally:
-        _depth -= 1
-        if _depth == 0 and supported:
-            torch.set_flush_denormal(False)
+        if supported and not was_on:
+            set_flush_denormal(False)
 
 
-_depth = 0
+_GOMP: list[Any] = []  # the GNU OpenMP runtime torch uses, once found (None: there is none)
+
+
+def _on_openmp_threads(on: bool) -> None:
+    """Run ``torch.set_flush_denormal(on)`` on every thread of torch's OpenMP pool."""
+    if not _GOMP:
+        _GOMP.append(_find_gomp())
+    gomp = _GOMP[0]
+    if gomp is None:
+        return
+    def on_this_thread(_: object) -> None:
+        torch.set_flush_denormal(on)
+
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(on_this_thread)
+    # GOMP_parallel(fn, data, num_threads, flags): fn runs once on each thread of the team,
+    # the same pool that torch's own parallel regions reuse.
+    gomp.GOMP_parallel(callback, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
+
+
+def _find_gomp() -> Any:
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    bundled = sorted(Path(torch.__file__).parent.glob("lib/libgomp*.so*"))
+    for candidate in [*map(str, bundled), "libgomp.so.1"]:
+        try:
+            lib = ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        if hasattr(lib, "GOMP_parallel"):
+            return lib
+    return None
 
 
 def autocast_factory(
@@ -58,6 +118,12 @@ def autocast_factory(
     if precision not in _AUTOCAST_DTYPES:
         raise ValueError(f"invalid precision: {precision!r} (expected fp32, bf16 or fp16)")
     dtype = _AUTOCAST_DTYPES[precision]
+    if precision == "fp16" and device.type == "cpu":
+        warnings.warn(
+            "precision fp16 on a CPU: float16 kernels are emulated there and ran about 100x "
+            "slower than fp32 on the digits run; use --precision bf16 on CPUs (fp16 is for CUDA)",
+            RuntimeWarning, stacklevel=2,
+        )
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 

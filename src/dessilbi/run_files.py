@@ -85,7 +85,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint version {ckpt.get('version')} is not supported "
-            f"(this dessilbi writes version {CHECKPOINT_VERSION})"
+            f"(this dessilbi writes version {CHECKPOINT_VERSION} and does not upgrade older "
+            "checkpoints); start the run again in another directory, or continue it with the "
+            "dessilbi version that wrote it"
         )
     return ckpt
 
@@ -130,7 +132,9 @@ class TrainingError(RuntimeError):
 
 
 #: Keys that may differ between a run directory's config and a rerun of it.
-_RESUMABLE_KEYS = {"epochs", "device", "workers", "eval_batch_size", "data_dir", "out"}
+_RESUMABLE_KEYS = {
+    "epochs", "device", "workers", "eval_batch_size", "data_dir", "out", "download", "run_name"
+}
 
 
 class RunFiles:
@@ -210,7 +214,7 @@ class RunFiles:
     def save_epoch(
         self,
         records: list[dict[str, Any]],
-        path_state: dict[str, Any] | None,
+        path_state: Callable[[], dict[str, Any]] | None,
         checkpoint: Callable[[], dict[str, Any]],
     ) -> None:
         """An epoch's files, in this order: ``path.pt``, ``metrics.jsonl``, ``checkpoint.pt``.
@@ -220,6 +224,6 @@ class RunFiles:
         if not self.is_main:
             return
         if path_state is not None:
-            atomic_save(path_state, self.path_path)
+            atomic_save(path_state(), self.path_path)
         write_metrics(records, self.metrics_path)
         atomic_save(checkpoint(), self.checkpoint_path)

@@ -24,6 +24,7 @@ others back to epoch ``e``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -191,17 +192,19 @@ def default_architecture(config: TrainConfig, data: _RunData) -> Architecture:
 def _initial_model(
     model: nn.Module | ModelFactory | None,
     architecture: Architecture,
-    init_weights: Path | Mapping[str, torch.Tensor] | None,
+    init_weights: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None,
 ) -> nn.Module:
     """The model to train: given, or built; then loaded with ``init_weights`` if given."""
     built = model if isinstance(model, nn.Module) else (model or Architecture.build)(architecture)
     if init_weights is not None:
-        weights = load_weights(init_weights) if isinstance(init_weights, Path) \
-            else dict(init_weights)
+        if isinstance(init_weights, str | os.PathLike):
+            where: object = init_weights
+            weights = load_weights(Path(init_weights))
+        else:
+            where, weights = "init_weights", dict(init_weights)
         try:
             built.load_state_dict(weights)
         except RuntimeError as exc:
-            where = init_weights if isinstance(init_weights, Path) else "init_weights"
             raise CheckpointError(f"{where}: does not fit the model ({exc})") from exc
     return built
 
@@ -254,6 +257,7 @@ def _restore(loop: _Loop, ckpt: dict[str, Any]) -> None:
     # The lr of the coming epoch, from this run's schedule (a resume may have stretched it).
     for group in run.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * run.lr_multiplier(run.scheduler.last_epoch)
+    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
     if ckpt["scaler"]:
         loop.scaler.load_state_dict(ckpt["scaler"])
     rng, rank = ckpt["rng"], run.dist.rank
@@ -285,7 +289,10 @@ def _restore_callbacks(loop: _Loop, saved: dict[str, Any]) -> None:
             f"{sorted(names)}; pass the same callbacks to continue the run"
         )
     for callback in loop.callbacks:
-        callback.load_state_dict(saved[callback.name])
+        try:
+            callback.load_state_dict(saved[callback.name])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{loop.files.checkpoint_path}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- the loop
@@ -333,8 +340,17 @@ def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: 
     for callback in loop.callbacks:
         callback.on_step_end(run)
     if loop.recorder is not None and run.dist.is_main:
+        _follow_model(loop)
         loop.recorder.update_step(run.step)
     return loss.detach(), logits.detach()
+
+
+def _follow_model(loop: _Loop) -> None:
+    """Point the path recorder at the current model (a callback may have replaced it)."""
+    recorder, run = loop.recorder, loop.run
+    if recorder is not None and (recorder.optimizer is not run.optimizer
+                                 or recorder.model is not run.model):
+        recorder.model, recorder.optimizer = run.model, run.optimizer
 
 
 def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
@@ -389,16 +405,16 @@ def _run_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     for callback in loop.callbacks:
         extra.update(callback.on_epoch_end(run) or {})
-    if loop.recorder is not None:  # a callback may have replaced the model (growing)
-        loop.recorder.model, loop.recorder.optimizer = run.model, run.optimizer
+    _follow_model(loop)
     record = {"epoch": run.epoch, "step": run.step, **trained, **_evaluate_epoch(loop), **extra}
     loop.records.append(record)
     rng = _rng_states(loop)  # collective under DDP: every rank takes part
     if loop.recorder is not None and run.dist.is_main:
         loop.recorder.record_epoch(run.epoch)
+    recorder = loop.recorder
     loop.files.save_epoch(
         loop.records,
-        loop.recorder.state_dict() if loop.recorder is not None else None,
+        recorder.state_dict if recorder is not None else None,
         lambda: _checkpoint(loop, rng),
     )
     if run.dist.is_main:
@@ -432,7 +448,7 @@ def train(
     quiet: bool = False,
     log_every: int = 0,
     model: nn.Module | ModelFactory | None = None,
-    init_weights: Path | Mapping[str, torch.Tensor] | None = None,
+    init_weights: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
     optimizer_factory: OptimizerFactory | None = None,
     callbacks: Iterable[Callback] = (),
     mask_provider: MaskProvider | None = None,
@@ -457,12 +473,16 @@ def train(
             On resume pass the same callbacks again (same names).
         mask_provider: ``provider(model, optimizer) -> masks``: the sparse network evaluated
             every epoch (``test_acc_sparse``). Default: Γ's support under DessiLBI, none
-            otherwise.
+            otherwise. (Both this default and the path recorder are set up when the first
+            optimizer is a DessiLBI: a callback that swaps optimizers keeps the kind.)
+
+    Under ``precision: fp16`` a step whose *gradients* overflow is skipped by the gradient
+    scaler; a non-finite *loss* stops the run like any divergence.
     """
     dist_info, device = init_distributed(config.device)
     files, ckpt = RunFiles.open(config, resume_dir, dist_info.is_main)
     if init_weights is None and config.init_from is not None:
-        init_weights = Path(config.init_from)
+        init_weights = config.init_from
     with flush_denormal(device.type == "cpu" and config.flush_denormal):
         data = _load_data(config, dist_info, device)
         if ckpt is not None:

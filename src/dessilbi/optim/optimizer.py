@@ -65,8 +65,10 @@ class DessiLBI(Optimizer):
     leaves parameters and state untouched; with ``nonfinite="skip"`` it warns and skips the step
     (useful with mixed precision, where an occasional overflow is expected).
 
-    Performance note: on CPU, call ``torch.set_flush_denormal(True)`` before training with the
-    bare optimizer (:func:`dessilbi.train.train` does this itself). Γ stays exactly zero on the
+    Performance note: on CPU, train the bare optimizer inside ``with dessilbi.flush_denormal():``
+    or call ``dessilbi.set_flush_denormal(True)`` first (:func:`dessilbi.train.train` does this
+    itself; ``torch.set_flush_denormal`` alone reaches only the calling thread, not torch's
+    intra-op threads that already exist). Γ stays exactly zero on the
     groups that have not been selected, and the coupling pulls their weights towards it by a
     factor of about ``1 − κ·lr/ν`` per step. Over thousands of steps those weights decay
     geometrically into the float32 subnormal range (below about 1.2e-38). Many CPUs, x86 in
