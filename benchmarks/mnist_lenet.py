@@ -110,6 +110,9 @@ def make_config(name: str, args: argparse.Namespace, *, epochs: int, out: str) -
         "weight_decay": run.weight_decay,
         "norm_weight_decay": 0.0,
         "kappa": 1,
+        # The recorded results normalise the inputs (the mnist_lenet5 config now scales pixels
+        # to [0, 1] only, as the paper's script did).
+        "normalize": True,
         "data_dir": args.data_dir,
         "epochs": epochs,
         "batch_size": 128,

@@ -310,13 +310,17 @@ def test_cosine_schedule_length_is_part_of_the_config(tmp_path: Path) -> None:
 
 def test_every_seed_and_epoch_has_its_own_data_streams() -> None:
     """(seed s, epoch e+1) used to repeat (seed s+1, epoch e) in the loader workers."""
-    from dessilbi.batches import stream_seed
+    from dessilbi.batches import TrainBatches
+    from dessilbi.data import load_dataset
+    from dessilbi.distributed import DistInfo
 
-    for purpose in ("loader", "order"):
-        seeds = {stream_seed(s, e, purpose) for s in range(30) for e in range(30)}
+    data = load_dataset("digits", None, "train")
+    batches = {s: TrainBatches(data, load_config("digits", {"seed": s}), DistInfo(),
+                               torch.device("cpu")) for s in range(30)}
+    for seed_of in (TrainBatches.loader_seed, TrainBatches.order_seed):
+        seeds = {seed_of(b, e) for b in batches.values() for e in range(30)}
         assert len(seeds) == 900
-    assert stream_seed(0, 1, "loader") != stream_seed(1, 0, "loader")
-    assert stream_seed(0, 1, "loader") != stream_seed(0, 1, "order")
+    assert batches[0].loader_seed(1) != batches[1].loader_seed(0)
 
 
 def test_default_run_names_differ_across_a_sweep() -> None:
