@@ -32,7 +32,7 @@ import torch
 
 from dessilbi import DessiLBI, structured_param_groups
 from dessilbi.models import build_model
-from dessilbi.path import PathRecorder, load_path
+from dessilbi.path_record import PathRecorder, load_path
 
 # ImageNet at the config's batch 256: 1,281,167 images, 5005 steps an epoch.
 STEPS_PER_EPOCH = 5005

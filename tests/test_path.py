@@ -22,7 +22,7 @@ from dessilbi import (
     support_masks,
     weight_group_norms,
 )
-from dessilbi.path import PathFileError, PathRecord, PathRecorder, load_path
+from dessilbi.path_record import PathFileError, PathRecord, PathRecorder, load_path
 from nets import Net
 
 F64 = torch.float64

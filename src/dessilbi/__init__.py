@@ -12,16 +12,14 @@ from dessilbi.numerics import flush_denormal, set_flush_denormal
 from dessilbi.optim import STRUCTURES, DessiLBI, NonFiniteGradientError, group_norms, prox
 from dessilbi.path import (
     CoupledTensor,
-    PathRecord,
-    PathRecorder,
     coupled_tensors,
     group_support,
-    load_path,
     selected_groups,
     sparse_weights,
     support_masks,
     weight_group_norms,
 )
+from dessilbi.path_record import PathRecord, PathRecorder, load_path
 from dessilbi.run_state import Architecture, TrainingRun
 from dessilbi.structure import structured_param_groups
 

@@ -54,7 +54,8 @@ from dessilbi.distributed import DistInfo, gather_states, init_distributed
 from dessilbi.masks import MaskProvider, gamma_support, masked_weights
 from dessilbi.numerics import autocast_factory, flush_denormal, gradient_scaler, input_preparer
 from dessilbi.optim import DessiLBI
-from dessilbi.path import PathRecorder, selected_groups
+from dessilbi.path import selected_groups
+from dessilbi.path_record import PathRecorder
 from dessilbi.run_files import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
