@@ -1,4 +1,5 @@
-"""Helpers shared by the real-data benchmarks: common options, run metrics, number formatting."""
+"""Helpers shared by the real-data benchmarks: common options, runs advanced epoch by epoch, run
+metrics, number formatting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import statistics
 from pathlib import Path
 from typing import Any
+
+from dessilbi.train import train
 
 
 def add_common_arguments(
@@ -21,6 +24,18 @@ def add_common_arguments(
     parser.add_argument("--data-dir", default=data_dir)
     parser.add_argument("--runs-dir", default=runs_dir)
     parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def advance(config: Any) -> list[dict[str, Any]]:
+    """Train the run of ``config`` up to its ``epochs`` (resumed; a run already there is only
+    read back) and return its per-epoch records."""
+    run_dir = Path(config.out) / str(config.run_name)
+    if (run_dir / "checkpoint.pt").exists():
+        history = read_history(run_dir)
+        if len(history) >= config.epochs:
+            return history[: config.epochs]
+        return read_history(train(config, quiet=True, resume_dir=run_dir).run_dir)
+    return read_history(train(config, quiet=True).run_dir)
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

@@ -25,14 +25,12 @@ import argparse
 import json
 import platform
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from _runs import add_common_arguments, fmt, read_history
+from _runs import add_common_arguments, advance, fmt
 from dessilbi.config import load_config
-from dessilbi.train import train
 
 RUNS: dict[str, dict[str, Any]] = {
     "sgd_fp32": {"optimizer": "sgd"},
@@ -131,8 +129,7 @@ def main() -> None:
     hists: dict[str, list[dict[str, Any]]] = {}
     for k in range(1, args.epochs + 1):
         for name in RUNS:
-            result = train(_config(name, k, args), quiet=True)
-            hists[name] = read_history(Path(result.run_dir))
+            hists[name] = advance(_config(name, k, args))
         args.out.write_text(write_markdown(hists, args))
         args.out.with_suffix(".json").write_text(json.dumps(
             {"args": {k: str(v) for k, v in vars(args).items()}, "runs": hists}, indent=1))

@@ -32,11 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from _runs import add_common_arguments, fmt, read_history
+from _runs import add_common_arguments, advance, fmt
 from dessilbi.config import load_config
 from dessilbi.data import load_dataset
 from dessilbi.models import build_model
-from dessilbi.train import train
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 RUNS: dict[str, dict[str, Any]] = {
@@ -143,7 +142,7 @@ def main() -> None:
     names = list(RUNS)
     for k in range(1, args.epochs + 1):
         for name in names if k % 2 else names[::-1]:
-            hists[name] = read_history(Path(train(_config(name, k, args), quiet=True).run_dir))
+            hists[name] = advance(_config(name, k, args))
         print(f"round {k}: " + ", ".join(f"{n} {h[-1]['epoch_time']:.2f}"
                                          for n, h in hists.items()), flush=True)
     data: dict[str, Any] = {"histories": {n: hists[n] for n in RUNS}, "subnormals": {}}

@@ -288,11 +288,10 @@ def test_cosine_schedule_length_is_part_of_the_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"epochs: 4 exceed the cosine schedule's "
                        r"schedule_epochs 2.*--schedule-epochs 4"):
         _resume_config(run, {"epochs": 4})
-    # Rerunning the command with more epochs is another run (another schedule): refused.
+    # The same run name with more epochs is another run (another schedule): refused.
     longer = load_config("digits", {"epochs": 4, "schedule": "cosine", "optimizer": "sgd",
-                                    "out": str(tmp_path)})
-    assert longer.default_run_name == config.default_run_name  # the same command, --epochs 4
-    with pytest.raises(TrainingError, match="schedule_epochs: 2 -> 4"):
+                                    "out": str(tmp_path), "run_name": run.name})
+    with pytest.raises(TrainingError, match="epochs: 2 -> 4, schedule_epochs: 2 -> 4"):
         train(longer, quiet=True)
     # Asked for explicitly: the first two epochs keep their lr, the rest follow the new curve.
     stretched = train(_resume_config(run, {"epochs": 4, "schedule_epochs": 4}),
@@ -328,15 +327,16 @@ def test_default_run_names_differ_across_a_sweep() -> None:
     sweep = [load_config("digits", {key: value}) for key, value in (
         ("lam", 2.0), ("lam", 3.0), ("lr", 0.05), ("conv_structure", "channel"),
         ("linear_structure", "element"), ("kappa", 2.0), ("conv_lam", 0.5),
-        ("precision", "bf16"), ("weight_decay", 1e-4),
+        ("precision", "bf16"), ("weight_decay", 1e-4), ("epochs", 31),
     )]
     names = {c.default_run_name for c in [base, *sweep]}
     assert len(names) == 1 + len(sweep)
     assert all(n.startswith("digits-small_cnn-dessilbi-nu70-seed0-") for n in names)
-    # Where and how long a run goes does not make it another run.
-    same = load_config("digits", {"epochs": 60, "out": "elsewhere", "device": "cpu",
+    # Where and how fast a run goes does not make it another run.
+    same = load_config("digits", {"out": "elsewhere", "device": "cpu", "data_dir": "x",
                                   "workers": 1, "eval_batch_size": 10})
     assert same.default_run_name == base.default_run_name
+    assert base.run_directory_name(2) == base.default_run_name + "-np2"
 
 
 def test_per_layer_type_lambda_and_group_scaling() -> None:

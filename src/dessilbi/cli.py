@@ -19,9 +19,10 @@ DessiLBI: train a network and read off its sparse structure along the whole path
 Examples:
   dessilbi train                                  # the digits demo (embedded data)
   dessilbi train --config mnist_lenet5 --data-dir ../shared/data
-  dessilbi train --config cifar10_resnet20 --data-dir data --nu 50 --epochs 20
+  dessilbi train --config cifar10_resnet20 --data-dir ../shared/data/cifar10-jpeg --epochs 20
   dessilbi train --resume runs/mnist-lenet5-dessilbi-nu20-seed0-<hash>
-  torchrun --nproc_per_node=2 -m dessilbi train --config cifar10_resnet56 --data-dir data
+  torchrun --nproc_per_node=2 -m dessilbi train --config cifar10_resnet56 --dataset \
+      cifar10_jpeg --data-dir ../shared/data/cifar10-jpeg
 """
 
 
@@ -90,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from dessilbi.data import DatasetError
-    from dessilbi.train import CheckpointError, TrainingError, format_summary, train
+    from dessilbi.train import (
+        CheckpointError,
+        TrainingError,
+        TrainingInterrupted,
+        format_summary,
+        train,
+    )
 
     options = vars(args)
     reserved = {"command", "config", "resume", "quiet", "log_every"}
@@ -103,6 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             config = load_config(args.config or "digits", overrides)
         result = train(config, resume_dir=args.resume, quiet=args.quiet, log_every=args.log_every)
+    except TrainingInterrupted as exc:
+        print(f"dessilbi: {exc}", file=sys.stderr)
+        return 130  # the shell's status for an end by SIGINT
+    except KeyboardInterrupt:
+        print("dessilbi: interrupted before training started; no epoch was trained, and the "
+              "same command starts again", file=sys.stderr)
+        return 130
     except (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError,
             FloatingPointError) as exc:
         # Bad input of every kind (invalid hyperparameters included) and a diverged run end

@@ -184,10 +184,10 @@ class TrainConfig:
     def default_run_name(self) -> str:
         """``<dataset>-<model>-<optimizer>[-nu<ν>]-seed<seed>-<hash>``: readable and unique.
 
-        The hash (6 hex digits) covers every key that changes the run's numbers, so a sweep
-        over λ, lr, structure, ... never shares a directory; keys that only say where or how
-        fast the run goes (``out``, ``device``, ``workers``, ...) and ``epochs`` (a run may be
-        extended with ``--resume --epochs N``) leave it unchanged.
+        The hash (6 hex digits) covers every key that changes the run's numbers (``epochs``
+        included), so runs that differ in anything that matters never share a directory;
+        keys that only say where or how fast the run goes (``out``, ``device``, ``workers``,
+        ``data_dir``, ...) leave it unchanged. A run is extended with ``--resume RUN --epochs N``.
         """
         parts = [self.dataset, self.model, self.optimizer]
         if self.optimizer == "dessilbi":
@@ -196,13 +196,15 @@ class TrainConfig:
         parts.append(self.config_hash())
         return "-".join(parts)
 
+    def run_directory_name(self, world_size: int = 1) -> str:
+        """``run_name``, or the default name with ``-np<N>`` for a run of N > 1 processes."""
+        if self.run_name:
+            return self.run_name
+        return self.default_run_name + (f"-np{world_size}" if world_size > 1 else "")
+
     def config_hash(self) -> str:
         """6 hex digits of a hash of every key that defines the run's numbers."""
         values = {k: v for k, v in self.to_dict().items() if k not in _RUN_LOCATION_KEYS}
-        if values["schedule_epochs"] == self.epochs:
-            # Resolved from ``epochs``: hashed as unset, so that the same command with another
-            # --epochs finds its run directory (and is told about the schedule length).
-            values["schedule_epochs"] = None
         blob = json.dumps(values, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:6]
 
@@ -217,7 +219,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 #: Keys that say where or how fast a run goes, not what it computes (left out of the hash).
 _RUN_LOCATION_KEYS = frozenset(
-    {"data_dir", "download", "device", "workers", "out", "run_name", "eval_batch_size", "epochs"}
+    {"data_dir", "download", "device", "workers", "out", "run_name", "eval_batch_size"}
 )
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "RunFiles",
     "TrainingError",
+    "TrainingInterrupted",
     "atomic_save",
     "atomic_write_text",
     "config_differences",
@@ -131,10 +132,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run directory in the way, ...)."""
 
 
+class TrainingInterrupted(TrainingError):
+    """Training was interrupted (Ctrl-C); the message says what was kept and how to go on."""
+
+
 #: Keys that may differ between a run directory's config and a rerun of it.
 _RESUMABLE_KEYS = {
-    "epochs", "device", "workers", "eval_batch_size", "data_dir", "out", "download", "run_name"
+    "device", "workers", "eval_batch_size", "data_dir", "out", "download", "run_name"
 }
+#: Files a run leaves behind once it has trained an epoch.
+_RESULT_FILES = ("metrics.jsonl", "path.pt", "model.pt")
 
 
 class RunFiles:
@@ -152,15 +159,16 @@ class RunFiles:
 
     @classmethod
     def open(
-        cls, config: Any, resume_dir: Path | None, is_main: bool
+        cls, config: Any, resume_dir: Path | None, is_main: bool, world_size: int = 1
     ) -> tuple[RunFiles, dict[str, Any] | None]:
         """The run directory of ``config`` and its checkpoint when the run is to be continued.
 
         Rerunning the same configuration continues the run (or just reports it when it is
-        complete); a different configuration must not overwrite it.
+        complete); a different configuration must not overwrite it, and neither must a new run
+        overwrite the results of one whose checkpoint is gone.
         """
         run_dir = resume_dir if resume_dir is not None else Path(config.out) / (
-            config.run_name or config.default_run_name
+            config.run_directory_name(world_size)
         )
         files = cls(run_dir, is_main)
         if resume_dir is None and files.checkpoint_path.exists():
@@ -168,12 +176,17 @@ class RunFiles:
                 run_dir / "config.yaml", config.to_dict(), _RESUMABLE_KEYS
             )
             if differences:
+                extend = (f"`dessilbi train --resume {run_dir} --epochs {config.epochs}`"
+                          if differences.startswith("epochs:") and "," not in differences
+                          else f"`dessilbi train --resume {run_dir}`")
                 raise TrainingError(
                     f"run directory {run_dir} already holds a run with another configuration "
                     f"({differences}); choose another --run-name or --out, or continue it with "
-                    f"`dessilbi train --resume {run_dir}`"
+                    f"{extend}"
                 )
             resume_dir = run_dir
+        if resume_dir is None:
+            files.refuse_leftovers()
         ckpt = load_checkpoint(files.checkpoint_path) if resume_dir is not None else None
         if ckpt is not None and ckpt["model_name"] != config.model:
             raise CheckpointError(
@@ -181,6 +194,17 @@ class RunFiles:
                 f"but the config builds {config.model!r}"
             )
         return files, ckpt
+
+    def refuse_leftovers(self) -> None:
+        """Refuse to start over in a directory holding results but no checkpoint to resume."""
+        left = [name for name in _RESULT_FILES if (self.run_dir / name).is_file()
+                and (name != "metrics.jsonl" or read_metrics(self.run_dir / name))]
+        if left:
+            raise TrainingError(
+                f"run directory {self.run_dir} holds the results of an earlier run "
+                f"({', '.join(left)}) but no checkpoint.pt to continue from; a new run would "
+                "overwrite them: move them away, or choose another --out or --run-name"
+            )
 
     def start(self, config: Any, initial_weights: dict[str, torch.Tensor]) -> None:
         """A new run: the directory, ``config.yaml``, ``init.pt`` and an empty metrics file."""

@@ -62,6 +62,7 @@ from dessilbi.run_files import (
     CheckpointError,
     RunFiles,
     TrainingError,
+    TrainingInterrupted,
     atomic_save,
     load_checkpoint,
     load_weights,
@@ -74,6 +75,7 @@ __all__ = [
     "CheckpointError",
     "RunResult",
     "TrainingError",
+    "TrainingInterrupted",
     "build_optimizer",
     "format_summary",
     "load_checkpoint",
@@ -326,11 +328,7 @@ def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: 
         logits = run.net(x)
     loss = F.cross_entropy(logits.float(), labels)
     if not torch.isfinite(loss):
-        saved = f"the checkpoint of epoch {run.epoch}" if run.epoch else "no checkpoint yet"
-        raise TrainingError(
-            f"the loss became {float(loss.detach())} at {where}; {run.run_dir} keeps {saved}. "
-            "Lower the learning rate and restart or resume."
-        )
+        raise TrainingError(_diverged(loop, float(loss.detach()), where))
     run.optimizer.zero_grad(set_to_none=True)
     loop.scaler.scale(loss).backward()
     # Under fp16 a step whose gradients overflowed is skipped here (optimizer.step is not
@@ -340,10 +338,25 @@ def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: 
     run.step += 1
     for callback in loop.callbacks:
         callback.on_step_end(run)
-    if loop.recorder is not None and run.dist.is_main:
+    if loop.recorder is not None:
+        # On every rank (Γ is the same on all): a recorder error then stops every rank,
+        # instead of rank 0 alone while the others wait in the next all-reduce.
         _follow_model(loop)
         loop.recorder.update_step(run.step)
     return loss.detach(), logits.detach()
+
+
+def _diverged(loop: _Loop, loss: float, where: str) -> str:
+    """The message of a non-finite loss, with the command that trains on."""
+    run = loop.run
+    saved = f"the checkpoint of epoch {run.epoch}" if run.epoch else "no checkpoint yet"
+    lower = f"--lr {run.config.lr / 10:g}"
+    if run.config.run_name:
+        hint = f"rerun the command with a lower learning rate ({lower}) and another --run-name"
+    else:
+        hint = (f"rerun the command with a lower learning rate ({lower}); another lr is "
+                "another run, in a directory of its own")
+    return f"the loss became {loss} at {where}; {run.run_dir} keeps {saved}. To train on, {hint}"
 
 
 def _follow_model(loop: _Loop) -> None:
@@ -410,7 +423,7 @@ def _run_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     record = {"epoch": run.epoch, "step": run.step, **trained, **_evaluate_epoch(loop), **extra}
     loop.records.append(record)
     rng = _rng_states(loop)  # collective under DDP: every rank takes part
-    if loop.recorder is not None and run.dist.is_main:
+    if loop.recorder is not None:
         loop.recorder.record_epoch(run.epoch)
     recorder = loop.recorder
     loop.files.save_epoch(
@@ -481,7 +494,12 @@ def train(
     scaler; a non-finite *loss* stops the run like any divergence.
     """
     dist_info, device = init_distributed(config.device)
-    files, ckpt = RunFiles.open(config, resume_dir, dist_info.is_main)
+    files, ckpt = RunFiles.open(config, resume_dir, dist_info.is_main, dist_info.world_size)
+    if ckpt is not None and int(ckpt["epoch"]) > config.epochs:
+        raise TrainingError(
+            f"{files.run_dir} has trained {ckpt['epoch']} epochs already, more than the "
+            f"{config.epochs} asked for; a run is never cut back (nothing was changed)"
+        )
     if init_weights is None and config.init_from is not None:
         init_weights = config.init_from
     with flush_denormal(device.type == "cpu" and config.flush_denormal):
@@ -501,10 +519,39 @@ def train(
             _restore(loop, ckpt)
         else:
             files.start(config, loop.run.model.state_dict())
+        _announce(loop)
         for callback in loop.callbacks:
             callback.on_train_start(loop.run)
-        _fit(loop)
+        try:
+            _fit(loop)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(_kept(loop, "interrupted")) from None
     return _result(loop)
+
+
+def _announce(loop: _Loop) -> None:
+    """Say what this call does: a new run, a resumed one, or a finished one reported."""
+    run = loop.run
+    if not run.dist.is_main:
+        return
+    total = run.config.epochs
+    if run.epoch == 0:
+        loop.say(f"new run: {run.run_dir} ({total} epochs)")
+    elif run.epoch < total:
+        loop.say(f"resuming {run.run_dir} from epoch {run.epoch} of {total}")
+    else:
+        loop.say(f"{run.run_dir}: finished ({run.epoch}/{total} epochs), nothing to train; "
+                 f"extend it with `dessilbi train --resume {run.run_dir} --epochs N`")
+
+
+def _kept(loop: _Loop, what: str) -> str:
+    """What a stopped run leaves behind, and the command that continues it."""
+    run = loop.run
+    kept = (f"{run.run_dir} keeps the checkpoint of epoch {run.epoch}" if run.epoch
+            else f"{run.run_dir} has no checkpoint yet")
+    again = (f"`dessilbi train --resume {run.run_dir}` continues from there" if run.epoch
+             else "the same command starts it again")
+    return f"{what} in epoch {run.epoch + 1}; {kept}; {again}"
 
 
 def _build_loop(
