@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,3 +92,63 @@ def test_results_without_a_checkpoint_are_not_overwritten(tmp_path: Path) -> Non
                        r"\(metrics.jsonl, path.pt, model.pt\) but no checkpoint.pt"):
         train(config, quiet=True)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_error_messages_name_the_option_and_the_closest_one() -> None:
+    bad_structure = _cli("--conv-structure", "foo", "--epochs", "1")
+    assert bad_structure.returncode == 1
+    assert ("invalid conv_structure: 'foo' (expected filter, channel, element or none)"
+            in bad_structure.stderr)
+    typo = _cli("--nuu", "20")
+    assert typo.returncode == 2 and "unrecognized argument '--nuu'; did you mean --nu?" in typo.stderr
+    for key, value, expected in (("nu", -1.0, "> 0"), ("momentum", 1.0, "in [0, 1)"),
+                                 ("lam", -1.0, ">= 0")):
+        with pytest.raises(ValueError, match=re.escape(f"invalid {key}: {value} (expected {expected}")):
+            load_config("digits", {key: value})
+
+    import torch
+    from torch import nn
+
+    from dessilbi import DessiLBI, selected_groups, structured_param_groups
+
+    with pytest.raises(ValueError, match=r"invalid conv: 'filters' \(expected 'filter'"):
+        structured_param_groups(nn.Conv2d(1, 2, 3), conv="filters")
+    net, other = nn.Conv2d(1, 2, 3), nn.Conv2d(1, 2, 3)
+    optimizer = DessiLBI(structured_param_groups(other), lr=0.1)
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        selected_groups(net, optimizer)
+    assert selected_groups(other, optimizer) == {"weight": (0, 2)}
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert selected_groups(net, sgd) == {}  # holds them, none coupled: nothing selected
+
+
+def test_help_shows_defaults_list_formats_and_the_models() -> None:
+    help_text = " ".join(_cli("--help").stdout.split())
+    assert "(default: 0.1)" in help_text and "(default: dessilbi)" in help_text
+    assert "comma-separated (conv1,conv2" in help_text
+    assert "resnet56_bottleneck" in help_text and "$DESSILBI_DATA" in help_text
+
+
+def test_the_demo_config_trains_on_one_thread_and_gives_the_thread_count_back(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from dessilbi.callbacks import Callback
+
+    class Threads(Callback):
+        seen: set[int] = set()
+
+        def on_step_end(self, run: object) -> None:
+            self.seen.add(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        probe = Threads()
+        train(load_config("digits", {"epochs": 1, "out": str(tmp_path)}), quiet=True,
+              callbacks=[probe])
+        assert load_config("digits").threads == 1 and probe.seen == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

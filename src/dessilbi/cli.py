@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -57,6 +58,15 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """An error naming the unknown option, with the closest known one (``--nuu``: ``--nu``)."""
+    word = next((u for u in unknown if u.startswith("--")), unknown[0])
+    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    parser.error(f"unrecognized argument {word!r}{hint}")
+
+
 def _shipped() -> list[str]:
     from dessilbi.config import builtin_configs
 
@@ -84,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _train_parser(sub)
-    args = parser.parse_args(argv)
+    train_parser = _train_parser(sub)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(train_parser if args.command == "train" else parser, unknown)
     if args.command is None:
         parser.print_help()
         return 2

@@ -46,7 +46,7 @@ class TrainConfig:
     # data
     dataset: str = _opt("digits", "data set: digits, mnist, fashion_mnist, cifar10, cifar100, "
                         "cifar10_jpeg, imagefolder")
-    data_dir: str | None = _opt(None, "data directory (default: $DESSILBI_DATA or ./data)")
+    data_dir: str | None = _opt(None, "data directory (null: $DESSILBI_DATA, else ./data)")
     download: bool = _opt(False, "download the official archives if missing (needs internet)")
     augment: bool = _opt(True, "use the data set's default training augmentation")
     normalize: bool = _opt(
@@ -62,7 +62,7 @@ class TrainConfig:
         "set's: on for CIFAR, off for digits and MNIST)"
     )
     # model
-    model: str = _opt("small_cnn", "model name (see dessilbi.models.available_models())")
+    model: str = _opt("small_cnn", "model name (the registered models are listed in --help)")
     model_kwargs: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "extra model arguments as JSON, e.g. '{\"widths\": [16, 32, 64]}'"},
@@ -97,11 +97,16 @@ class TrainConfig:
     linear_group_scaling: str | None = _opt(
         None, "group threshold scaling of linear weights (default: group_scaling)"
     )
-    exclude: list[str] = _list_opt([], "glob patterns of module names left uncoupled")
+    exclude: list[str] = _list_opt(
+        [], "glob patterns of module or parameter names left uncoupled, comma-separated "
+        "(conv1,conv2 or 'layer*.conv1')"
+    )
     # schedule
     schedule: str = _opt("constant", "learning-rate schedule: constant, step, multistep, cosine")
     lr_step: int = _opt(30, "epochs between decays of the step schedule")
-    milestones: list[int] = _list_opt([], "epochs of the decays of the multistep schedule")
+    milestones: list[int] = _list_opt(
+        [], "epochs of the decays of the multistep schedule, comma-separated (80,120)"
+    )
     lr_decay: float = _opt(0.1, "decay factor of the step and multistep schedules")
     schedule_epochs: int | None = _opt(
         None, "length of the cosine schedule in epochs (default: epochs); recorded in the "
@@ -123,6 +128,10 @@ class TrainConfig:
     eval_batch_size: int = _opt(1000, "batch size for evaluation")
     seed: int = _opt(0, "random seed (model init, data order, augmentation)")
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    threads: int | None = _opt(
+        None, "torch intra-op threads while training (null: torch's default); a fixed count "
+        "makes a CPU run's figures the same on machines with other core counts"
+    )
     workers: int = _opt(4, "data-loading worker processes for on-disk data sets")
     out: str = _opt("runs", "parent directory of run directories")
     run_name: str | None = _opt(None, "run directory name (default: built from the config)")
@@ -154,11 +163,37 @@ class TrainConfig:
              "none, sqrt_size, or null for group_scaling"),
             ("schedule_epochs", self.schedule_epochs is None or self.schedule_epochs >= 1,
              "at least 1"),
+            *self._optimizer_checks(),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"invalid {key}: {getattr(self, key)!r} (expected {expected})")
         self._check_schedule_length()
+
+    def _optimizer_checks(self) -> list[tuple[str, bool, str]]:
+        """The optimizer's hyperparameters, checked here so errors name the config key."""
+        structures = ("filter", "channel", "element", None)
+        return [
+            ("conv_structure", self.conv_structure in structures,
+             "filter, channel, element or none"),
+            ("linear_structure", self.linear_structure in structures,
+             "filter, channel, element or none"),
+            ("group_scaling", self.group_scaling in GROUP_SCALING_NAMES, "none or sqrt_size"),
+            ("nu", self.nu > 0, "> 0"),
+            ("kappa", self.kappa > 0, "> 0"),
+            ("lam", self.lam >= 0, ">= 0"),
+            ("conv_lam", self.conv_lam is None or self.conv_lam >= 0, ">= 0, or null for lam"),
+            ("linear_lam", self.linear_lam is None or self.linear_lam >= 0,
+             ">= 0, or null for lam"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("dampening", 0 <= self.dampening <= 1, "in [0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("norm_weight_decay", self.norm_weight_decay >= 0, ">= 0"),
+            ("nesterov", not self.nesterov or (self.momentum > 0 and self.dampening == 0),
+             "Nesterov momentum needs momentum > 0 and dampening 0"),
+            ("threads", self.threads is None or self.threads >= 1,
+             "at least 1, or null for torch's default"),
+        ]
 
     def _check_schedule_length(self) -> None:
         """The cosine schedule's length is fixed in the config: longer training is refused."""
@@ -314,6 +349,19 @@ def load_config(
     return TrainConfig(**values)
 
 
+def _shown(value: Any) -> str:
+    """A default as a user would type it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return json.dumps(value) if value else "none"
+    return str(value)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--key`` option per config field, defaulting to "not given" (``SUPPRESS``)."""
     group = parser.add_argument_group("config overrides (any config key)")
@@ -321,6 +369,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         help_text = f.metadata.get("help", "")
+        if f.name == "model":
+            from dessilbi.models import available_models
+
+            help_text = "model name: " + ", ".join(available_models())
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text += f" (default: {_shown(default)})"
         if kind.startswith("bool"):
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

@@ -31,6 +31,7 @@ __all__ = [
     "flush_denormal_active",
     "gradient_scaler",
     "input_preparer",
+    "intra_op_threads",
     "set_flush_denormal",
 ]
 
@@ -74,6 +75,20 @@ def flush_denormal(enabled: bool = True) -> Iterator[bool]:
     finally:
         if supported and not was_on:
             set_flush_denormal(False)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Use ``count`` torch intra-op threads inside the block (None: leave it as it is)."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _GOMP: list[Any] = []  # the GNU OpenMP runtime torch uses, once found (None: there is none)

@@ -62,15 +62,26 @@ def coupled_parameters(
     model: nn.Module, optimizer: Optimizer
 ) -> list[tuple[str, torch.Tensor, str]]:
     """``(name, parameter, structure)`` of every coupled parameter, in ``named_parameters`` order
-    of the unwrapped model; parameters the optimizer does not hold are not coupled."""
+    of the unwrapped model; parameters the optimizer does not hold are not coupled.
+
+    Raises ``ValueError`` when the optimizer holds parameters but none of the model's (built
+    for another model, or for a copy of this one): the read-outs would silently be empty.
+    """
     structure_of = {
         id(p): group.get("structure") for group in optimizer.param_groups for p in group["params"]
     }
     found: list[tuple[str, torch.Tensor, str]] = []
+    held = False
     for name, param in unwrap_model(model).named_parameters():
+        held = held or id(param) in structure_of
         structure = structure_of.get(id(param))
         if structure is not None:
             found.append((name, param, structure))
+    if structure_of and not held:
+        raise ValueError(
+            "the optimizer holds none of the model's parameters (was it built for another "
+            "model, or for a copy of this one?)"
+        )
     return found
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from dessilbi.optim.proximal import check_structure
+from dessilbi.optim.proximal import STRUCTURES
 
 __all__ = ["NORM_TYPES", "structured_param_groups", "unwrap_model"]
 
@@ -93,9 +93,12 @@ def structured_param_groups(
             depthwise convolution that is not excluded (its ``W[:, j]`` slices are no input
             channels); the message names the layer.
     """
-    for structure in (conv, linear):
-        if structure is not None:
-            check_structure(structure, (2, 2))
+    for argument, structure in (("conv", conv), ("linear", linear)):
+        if structure not in STRUCTURES:
+            raise ValueError(
+                f"invalid {argument}: {structure!r} (expected 'filter', 'channel', 'element' or "
+                "None)"
+            )
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {
         "conv": [],
         "linear": [],

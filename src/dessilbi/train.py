@@ -52,7 +52,13 @@ from dessilbi.config import TrainConfig
 from dessilbi.data import ImageDataset, dataset_info
 from dessilbi.distributed import DistInfo, gather_states, init_distributed
 from dessilbi.masks import MaskProvider, gamma_support, masked_weights
-from dessilbi.numerics import autocast_factory, flush_denormal, gradient_scaler, input_preparer
+from dessilbi.numerics import (
+    autocast_factory,
+    flush_denormal,
+    gradient_scaler,
+    input_preparer,
+    intra_op_threads,
+)
 from dessilbi.optim import DessiLBI
 from dessilbi.path import selected_groups
 from dessilbi.path_record import PathRecorder
@@ -502,7 +508,9 @@ def train(
         )
     if init_weights is None and config.init_from is not None:
         init_weights = config.init_from
-    with flush_denormal(device.type == "cpu" and config.flush_denormal):
+    # The thread count first: flushing then reaches every thread of the pool in use.
+    with (intra_op_threads(config.threads),
+          flush_denormal(device.type == "cpu" and config.flush_denormal)):
         data = _load_data(config, dist_info, device)
         if ckpt is not None:
             architecture = Architecture.from_dict(ckpt["architecture"])
