@@ -100,10 +100,12 @@ def test_error_messages_name_the_option_and_the_closest_one() -> None:
     assert ("invalid conv_structure: 'foo' (expected filter, channel, element or none)"
             in bad_structure.stderr)
     typo = _cli("--nuu", "20")
-    assert typo.returncode == 2 and "unrecognized argument '--nuu'; did you mean --nu?" in typo.stderr
+    assert typo.returncode == 2
+    assert "unrecognized argument '--nuu'; did you mean --nu?" in typo.stderr
     for key, value, expected in (("nu", -1.0, "> 0"), ("momentum", 1.0, "in [0, 1)"),
                                  ("lam", -1.0, ">= 0")):
-        with pytest.raises(ValueError, match=re.escape(f"invalid {key}: {value} (expected {expected}")):
+        message = f"invalid {key}: {value} (expected {expected}"
+        with pytest.raises(ValueError, match=re.escape(message)):
             load_config("digits", {key: value})
 
     import torch
