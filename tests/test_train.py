@@ -252,7 +252,7 @@ def test_every_run_file_is_written_atomically(
     run = train(config, quiet=True).run_dir
     written = {p.name for p in run.iterdir()}
     assert written == {"config.yaml", "init.pt", "metrics.jsonl", "path.pt", "checkpoint.pt",
-                       "model.pt"}
+                       "model.pt", "model.json"}
     assert written <= set(renamed)
     assert renamed.count("metrics.jsonl") == 1 + config.epochs  # empty at the start, per epoch
     assert renamed.count("path.pt") == config.epochs  # once per epoch

@@ -21,6 +21,7 @@ from dessilbi.path import (
 )
 from dessilbi.path_record import PathRecord, PathRecorder, load_path
 from dessilbi.run_state import Architecture, TrainingRun
+from dessilbi.runs import LoadedRun, load_run
 from dessilbi.structure import structured_param_groups
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "CoupledTensor",
     "DessiLBI",
     "FixedMask",
+    "LoadedRun",
     "NonFiniteGradientError",
     "PathRecord",
     "PathRecorder",
@@ -43,6 +45,7 @@ __all__ = [
     "group_norms",
     "group_support",
     "load_path",
+    "load_run",
     "masked_weights",
     "prox",
     "selected_groups",

@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_text",
     "config_differences",
     "load_checkpoint",
+    "load_model_file",
     "load_weights",
     "read_metrics",
     "write_metrics",
@@ -103,6 +104,19 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise CheckpointError(f"{path}: not a state dict of weights (name -> tensor)")
     return dict(loaded)
+
+
+def load_model_file(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``model.pt`` (the final weights) and ``model.json`` (their architecture and epoch)."""
+    meta_path = run_dir / "model.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing (the run has not finished an epoch?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["architecture"]["name"], int(meta["epoch"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path}: damaged ({type(exc).__name__}: {exc})") from exc
+    return load_weights(run_dir / "model.pt"), meta
 
 
 def config_differences(saved: Path, current: Mapping[str, Any], ignore: set[str]) -> str:
@@ -234,6 +248,15 @@ class RunFiles:
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path_path}: not a dessilbi path file")
         return state
+
+    def save_model(self, weights: dict[str, torch.Tensor], architecture: dict[str, Any],
+                   epoch: int) -> None:
+        """``model.pt`` (a bare state dict) and ``model.json`` (what builds it, and when)."""
+        if not self.is_main:
+            return
+        atomic_save(weights, self.run_dir / "model.pt")
+        atomic_write_text(json.dumps({"architecture": architecture, "epoch": epoch}, indent=1)
+                          + "\n", self.run_dir / "model.json")
 
     def save_epoch(
         self,

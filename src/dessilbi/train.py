@@ -69,7 +69,6 @@ from dessilbi.run_files import (
     RunFiles,
     TrainingError,
     TrainingInterrupted,
-    atomic_save,
     load_checkpoint,
     load_weights,
 )
@@ -620,8 +619,7 @@ def _fit(loop: _Loop) -> None:
         record = _run_epoch(loop, epoch)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", test=f"{record['test_acc']:.2f}")
     bar.close()
-    if run.dist.is_main:
-        atomic_save(run.model.state_dict(), run.run_dir / "model.pt")
+    loop.files.save_model(run.model.state_dict(), run.architecture.to_dict(), run.epoch)
 
 
 def _result(loop: _Loop) -> RunResult:

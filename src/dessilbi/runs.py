@@ -1,0 +1,128 @@
+"""Loading a finished (or running) run back from its directory alone.
+
+Example::
+
+    import dessilbi
+
+    run = dessilbi.load_run("runs/mnist-lenet5-dessilbi-nu20-seed0-1a2b3c")
+    run.model                  # the trained network with its dense weights W (eval mode)
+    sparse = dessilbi.load_run(run.run_dir, weights="sparse").model   # W̃ = W ⊙ 1[Γ ≠ 0]
+    resumable = dessilbi.load_run(run.run_dir, with_optimizer=True)   # + optimizer and state
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from dessilbi.config import TrainConfig, load_config
+from dessilbi.optim.proximal import group_axis
+from dessilbi.path_record import PathRecord, load_path
+from dessilbi.run_files import CheckpointError, load_checkpoint, load_model_file
+from dessilbi.run_state import Architecture
+from dessilbi.train import build_optimizer
+
+__all__ = ["LoadedRun", "load_run"]
+
+_WEIGHTS = ("dense", "sparse")
+
+
+@dataclass
+class LoadedRun:
+    """A run read back from its directory.
+
+    Attributes:
+        run_dir: the run directory.
+        config: its resolved configuration (``config.yaml``).
+        model: the network, built from the saved architecture, in eval mode.
+        architecture: how the network was built (registered model and its arguments).
+        epoch: the epoch the weights are from.
+        weights: ``"dense"`` (W) or ``"sparse"`` (W̃ = W ⊙ 1[Γ ≠ 0], from ``path.pt``).
+        optimizer: with ``with_optimizer=True``, the optimizer with its state (V, Γ, momentum).
+    """
+
+    run_dir: Path
+    config: TrainConfig
+    model: nn.Module
+    architecture: Architecture
+    epoch: int
+    weights: str
+    optimizer: Optimizer | None = None
+
+
+def load_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    weights: str = "dense",
+    with_optimizer: bool = False,
+) -> LoadedRun:
+    """Read a run back from its directory: the model (W or W̃), the config, the optimizer.
+
+    The weights come from ``checkpoint.pt`` (the last finished epoch) or, when it was deleted,
+    from ``model.pt`` with its architecture in ``model.json``. ``weights="sparse"`` zeroes every
+    coupled weight outside the support of Γ recorded in ``path.pt`` at that epoch (the paper's
+    W̃; biases and normalisation parameters stay, as in the ``test_acc_sparse`` of
+    ``metrics.jsonl``). ``with_optimizer=True`` needs ``checkpoint.pt``.
+
+    Raises:
+        ConfigError: no ``config.yaml`` (not a run directory).
+        CheckpointError: missing or damaged weights, or no checkpoint for the optimizer.
+        ValueError: an unknown ``weights``, or ``"sparse"`` for a run without a path.
+    """
+    if weights not in _WEIGHTS:
+        raise ValueError(f"invalid weights: {weights!r} (expected 'dense' or 'sparse')")
+    root = Path(run_dir)
+    config = load_config(root / "config.yaml")
+    ckpt = load_checkpoint(root / "checkpoint.pt") if (root / "checkpoint.pt").is_file() else None
+    if ckpt is not None:
+        architecture = Architecture.from_dict(ckpt["architecture"])
+        state, epoch = ckpt["model"], int(ckpt["epoch"])
+    elif with_optimizer:
+        raise CheckpointError(f"{root / 'checkpoint.pt'}: missing; the optimizer state is there")
+    else:
+        state, meta = load_model_file(root)
+        architecture, epoch = Architecture.from_dict(meta["architecture"]), int(meta["epoch"])
+    model = architecture.build()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{root}: the weights do not fit their architecture ({exc})") from exc
+    optimizer = None
+    if ckpt is not None and with_optimizer:
+        optimizer = build_optimizer(config, model)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if weights == "sparse":
+        _keep_support(model, root, epoch)
+    return LoadedRun(root, config, model.eval(), architecture, epoch, weights, optimizer)
+
+
+@torch.no_grad()
+def _keep_support(model: nn.Module, root: Path, epoch: int) -> None:
+    """Zero every coupled weight outside Γ's support at ``epoch`` (read from ``path.pt``)."""
+    path_file = root / "path.pt"
+    if not path_file.is_file():
+        raise ValueError(f"{path_file}: missing, so the run has no sparse network W̃ (only "
+                         "DessiLBI runs record one); load weights='dense'")
+    record = load_path(path_file)
+    if epoch not in record.epochs:
+        raise ValueError(f"{path_file}: holds no support for epoch {epoch}")
+    params = dict(model.named_parameters())
+    for name in record.names:
+        if name in params:
+            params[name].mul_(weight_mask(record, name, epoch, params[name].shape))
+
+
+def weight_mask(record: PathRecord, name: str, epoch: int, shape: torch.Size) -> torch.Tensor:
+    """The support of layer ``name`` at ``epoch`` as a bool mask of the weight's ``shape``."""
+    support = record.support(name, epoch)
+    structure = record.structure(name)
+    if structure == "element":
+        return support.reshape(shape)
+    view = [1] * len(shape)
+    view[group_axis(structure)] = -1
+    return support.view(view).expand(shape)
