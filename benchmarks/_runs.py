@@ -29,7 +29,7 @@ def add_common_arguments(
 def advance(config: Any) -> list[dict[str, Any]]:
     """Train the run of ``config`` up to its ``epochs`` (resumed; a run already there is only
     read back) and return its per-epoch records."""
-    run_dir = Path(config.out) / str(config.run_name)
+    run_dir = Path(config.out) / config.run_directory_name()
     if (run_dir / "checkpoint.pt").exists():
         history = read_history(run_dir)
         if len(history) >= config.epochs:

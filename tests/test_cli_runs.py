@@ -46,26 +46,34 @@ def test_runs_that_differ_in_epochs_or_processes_get_their_own_directories(
     named = _cli(*QUICK, "--epochs", "4", "--run-name", run.name, *out)
     assert named.returncode == 1
     assert f"dessilbi train --resume {run} --epochs 4" in named.stderr
+    # The 2-epoch command again, after the run was extended to 3: not told to cut it back.
+    original = _cli(*QUICK, "--run-name", run.name, *out)
+    assert original.returncode == 1
+    assert "holds this run extended to 3 epochs" in original.stderr
+    assert "--epochs 2`" not in original.stderr
 
 
 def test_a_diverged_run_names_the_command_that_trains_on(tmp_path: Path) -> None:
     diverged = _cli("--optimizer", "sgd", "--lr", "1e12", "--epochs", "1", "--quiet",
                     "--out", str(tmp_path))
     assert diverged.returncode == 1
-    assert "rerun the command with a lower learning rate (--lr 1e+11)" in diverged.stderr
-    # And the command it names is accepted: another lr is another run directory.
-    lower = _cli("--optimizer", "sgd", "--lr", "0.05", "--epochs", "1", "--quiet",
-                 "--out", str(tmp_path))
-    assert lower.returncode == 0, lower.stderr
-    with pytest.raises(TrainingError, match="and another --run-name"):
+    run = next(tmp_path.iterdir())
+    command = f"dessilbi train --config {run / 'config.yaml'} --lr 1e+11"
+    assert f"`{command}`" in diverged.stderr
+    # The command it names is accepted: a new run (it diverges too, at lr 1e11).
+    again = _cli(*command.split()[2:], "--quiet")
+    assert "the loss became" in again.stderr and "already holds" not in again.stderr
+    assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(TrainingError, match="--run-name named-lr1e"):
         train(load_config("digits", {"optimizer": "sgd", "lr": 1e12, "epochs": 1,
                                      "out": str(tmp_path), "run_name": "named"}), quiet=True)
 
 
 def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path: Path) -> None:
     proc = subprocess.Popen(
+        # Batch 8: 180 steps an epoch, so the interrupt lands in epoch 2 on a busy machine too.
         [sys.executable, "-m", "dessilbi", "train", *QUICK, "--epochs", "3", "--log-every", "1",
-         "--out", str(tmp_path)],
+         "--batch-size", "8", "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
@@ -89,17 +97,23 @@ def test_results_without_a_checkpoint_are_not_overwritten(tmp_path: Path) -> Non
     (run / "checkpoint.pt").unlink()
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(TrainingError, match="holds the results of an earlier run "
-                       r"\(metrics.jsonl, path.pt, model.pt\) but no checkpoint.pt"):
+                       r"\(metrics.jsonl, path.pt, model.pt, model.json\) but no checkpoint"):
         train(config, quiet=True)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # What a crash while epoch 1 was saved leaves (its path.pt and metrics line, no checkpoint,
+    # no final weights) holds nothing to lose: the same command starts the run over.
+    (run / "model.pt").unlink()
+    (run / "model.json").unlink()
+    again = train(config, quiet=True)
+    assert again.epochs == 1 and (run / "checkpoint.pt").is_file()
 
 
 def test_error_messages_name_the_option_and_the_closest_one() -> None:
-    bad_structure = _cli("--conv-structure", "foo", "--epochs", "1")
+    bad_structure = _cli("--conv-structure", "foo", "--epochs", "1", "--out", "/nonexistent")
     assert bad_structure.returncode == 1
     assert ("invalid conv_structure: 'foo' (expected filter, channel, element or none)"
             in bad_structure.stderr)
-    typo = _cli("--nuu", "20")
+    typo = _cli("--nuu", "20", "--out", "/nonexistent")
     assert typo.returncode == 2
     assert "unrecognized argument '--nuu'; did you mean --nu?" in typo.stderr
     for key, value, expected in (("nu", -1.0, "> 0"), ("momentum", 1.0, "in [0, 1)"),
@@ -125,7 +139,11 @@ def test_error_messages_name_the_option_and_the_closest_one() -> None:
 
 
 def test_help_shows_defaults_list_formats_and_the_models() -> None:
-    help_text = " ".join(_cli("--help").stdout.split())
+    raw = _cli("--help").stdout
+    help_text = " ".join(raw.split())
+    assert "(default: none) (default" not in help_text
+    for option_help in help_text.split(" --")[1:]:
+        assert option_help.count("(default") <= 1, option_help
     assert "(default: 0.1)" in help_text and "(default: dessilbi)" in help_text
     assert "comma-separated (conv1,conv2" in help_text
     assert "resnet56_bottleneck" in help_text and "$DESSILBI_DATA" in help_text
@@ -154,3 +172,40 @@ def test_the_demo_config_trains_on_one_thread_and_gives_the_thread_count_back(
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_cifar_batches_error_points_to_the_jpeg_reader(tmp_path: Path) -> None:
+    from dessilbi.data import DatasetError, load_dataset
+
+    (tmp_path / "train.zip").write_bytes(b"")
+    with pytest.raises(DatasetError, match="holds the JPEG copy of CIFAR-10, which --dataset "
+                       "cifar10_jpeg reads"):
+        load_dataset("cifar10", tmp_path, "train")
+
+
+def test_a_two_process_run_does_not_land_in_a_one_process_run(tmp_path: Path) -> None:
+    from dessilbi.run_files import RunFiles
+
+    config = load_config("digits", {"epochs": 1, "out": str(tmp_path)})
+    single = train(config, quiet=True).run_dir
+    files, ckpt = RunFiles.open(config, None, is_main=True, world_size=2)
+    assert ckpt is None and files.run_dir == single.with_name(single.name + "-np2")
+
+
+def test_one_thread_gives_the_same_figures_whatever_the_thread_count(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    before = torch.get_num_threads()
+    records = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            run = train(load_config("digits", {"epochs": 1, "out": str(tmp_path / str(threads))}),
+                        quiet=True).run_dir
+            line = json.loads((run / "metrics.jsonl").read_text())
+            records.append({k: v for k, v in line.items() if k != "epoch_time"})
+    finally:
+        torch.set_num_threads(before)
+    assert records[0] == records[1]

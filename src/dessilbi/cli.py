@@ -126,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dessilbi: {exc}", file=sys.stderr)
         return 130  # the shell's status for an end by SIGINT
     except KeyboardInterrupt:
-        print("dessilbi: interrupted before training started; no epoch was trained, and the "
-              "same command starts again", file=sys.stderr)
+        print("dessilbi: interrupted while setting up, before training; nothing was changed, "
+              "and the same command starts again", file=sys.stderr)
         return 130
     except (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError,
             FloatingPointError) as exc:

@@ -364,7 +364,11 @@ def _shown(value: Any) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--key`` option per config field, defaulting to "not given" (``SUPPRESS``)."""
-    group = parser.add_argument_group("config overrides (any config key)")
+    group = parser.add_argument_group(
+        "config overrides (any config key)",
+        "The defaults shown are the built-in ones; the --config file (digits when none is "
+        "given) sets its own on top of them.",
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
@@ -374,7 +378,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
             help_text = "model name: " + ", ".join(available_models())
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text += f" (default: {_shown(default)})"
+        if "default" not in help_text:  # some say already what an unset value means
+            help_text += f" (default: {_shown(default)})"
         if kind.startswith("bool"):
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

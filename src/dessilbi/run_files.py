@@ -110,7 +110,7 @@ def load_model_file(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """``model.pt`` (the final weights) and ``model.json`` (their architecture and epoch)."""
     meta_path = run_dir / "model.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path}: missing (the run has not finished an epoch?)")
+        raise CheckpointError(f"{meta_path}: missing (it is written when a run has finished)")
     try:
         meta = json.loads(meta_path.read_text())
         meta["architecture"]["name"], int(meta["epoch"])
@@ -146,8 +146,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run directory in the way, ...)."""
 
 
-class TrainingInterrupted(TrainingError):
-    """Training was interrupted (Ctrl-C); the message says what was kept and how to go on."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C); the message says what was kept and how to go on.
+
+    A ``KeyboardInterrupt``, so that ``except Exception`` in a user's sweep does not swallow it.
+    """
 
 
 #: Keys that may differ between a run directory's config and a rerun of it.
@@ -155,7 +158,21 @@ _RESUMABLE_KEYS = {
     "device", "workers", "eval_batch_size", "data_dir", "out", "download", "run_name"
 }
 #: Files a run leaves behind once it has trained an epoch.
-_RESULT_FILES = ("metrics.jsonl", "path.pt", "model.pt")
+_RESULT_FILES = ("metrics.jsonl", "path.pt", "model.pt", "model.json")
+
+
+def _other_run_message(run_dir: Path, differences: str, epochs: int) -> str:
+    """Why a run directory is refused, with the command that continues what it holds."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    only_epochs = differences.startswith("epochs:") and "," not in differences
+    if only_epochs and int(saved.get("epochs", 0)) >= epochs:
+        return (f"run directory {run_dir} holds this run extended to {saved['epochs']} epochs "
+                f"(more than the {epochs} asked for); `dessilbi train --resume {run_dir}` "
+                "reports it, or choose another --run-name or --out")
+    extend = (f"`dessilbi train --resume {run_dir} --epochs {epochs}`" if only_epochs
+              else f"`dessilbi train --resume {run_dir}`")
+    return (f"run directory {run_dir} already holds a run with another configuration "
+            f"({differences}); choose another --run-name or --out, or continue it with {extend}")
 
 
 class RunFiles:
@@ -190,14 +207,7 @@ class RunFiles:
                 run_dir / "config.yaml", config.to_dict(), _RESUMABLE_KEYS
             )
             if differences:
-                extend = (f"`dessilbi train --resume {run_dir} --epochs {config.epochs}`"
-                          if differences.startswith("epochs:") and "," not in differences
-                          else f"`dessilbi train --resume {run_dir}`")
-                raise TrainingError(
-                    f"run directory {run_dir} already holds a run with another configuration "
-                    f"({differences}); choose another --run-name or --out, or continue it with "
-                    f"{extend}"
-                )
+                raise TrainingError(_other_run_message(run_dir, differences, config.epochs))
             resume_dir = run_dir
         if resume_dir is None:
             files.refuse_leftovers()
@@ -211,8 +221,12 @@ class RunFiles:
 
     def refuse_leftovers(self) -> None:
         """Refuse to start over in a directory holding results but no checkpoint to resume."""
-        left = [name for name in _RESULT_FILES if (self.run_dir / name).is_file()
-                and (name != "metrics.jsonl" or read_metrics(self.run_dir / name))]
+        # A crash while epoch 1 was being saved leaves its path.pt and metrics line but no
+        # checkpoint: nothing to lose there, the run starts over.
+        epochs_recorded = len(read_metrics(self.metrics_path))
+        if epochs_recorded <= 1 and not (self.run_dir / "model.pt").is_file():
+            return
+        left = [name for name in _RESULT_FILES if (self.run_dir / name).is_file()]
         if left:
             raise TrainingError(
                 f"run directory {self.run_dir} holds the results of an earlier run "
@@ -254,9 +268,11 @@ class RunFiles:
         """``model.pt`` (a bare state dict) and ``model.json`` (what builds it, and when)."""
         if not self.is_main:
             return
-        atomic_save(weights, self.run_dir / "model.pt")
+        # The architecture first: a crash between the two renames can leave weights that it
+        # does not build, which load_run reports, never weights read with a wrong epoch.
         atomic_write_text(json.dumps({"architecture": architecture, "epoch": epoch}, indent=1)
                           + "\n", self.run_dir / "model.json")
+        atomic_save(weights, self.run_dir / "model.pt")
 
     def save_epoch(
         self,

@@ -20,12 +20,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dessilbi.config import TrainConfig, load_config
+from dessilbi.config import ConfigError, TrainConfig, load_config
 from dessilbi.optim.proximal import group_axis
 from dessilbi.path_record import PathRecord, load_path
 from dessilbi.run_files import CheckpointError, load_checkpoint, load_model_file
 from dessilbi.run_state import Architecture
-from dessilbi.train import build_optimizer
 
 __all__ = ["LoadedRun", "load_run"]
 
@@ -77,6 +76,11 @@ def load_run(
     if weights not in _WEIGHTS:
         raise ValueError(f"invalid weights: {weights!r} (expected 'dense' or 'sparse')")
     root = Path(run_dir)
+    if with_optimizer and weights != "dense":
+        raise ValueError("with_optimizer=True loads the dense weights W the optimizer state "
+                         "belongs to; load the sparse network separately")
+    if not (root / "config.yaml").is_file():
+        raise ConfigError(f"{root}: not a dessilbi run directory (no config.yaml)")
     config = load_config(root / "config.yaml")
     ckpt = load_checkpoint(root / "checkpoint.pt") if (root / "checkpoint.pt").is_file() else None
     if ckpt is not None:
@@ -87,15 +91,24 @@ def load_run(
     else:
         state, meta = load_model_file(root)
         architecture, epoch = Architecture.from_dict(meta["architecture"]), int(meta["epoch"])
-    model = architecture.build()
+    with torch.random.fork_rng(devices=[]):  # building draws weights: keep the caller's RNG
+        model = architecture.build()
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{root}: the weights do not fit their architecture ({exc})") from exc
     optimizer = None
     if ckpt is not None and with_optimizer:
+        from dessilbi.train import build_optimizer  # the training stack, only when asked for
+
         optimizer = build_optimizer(config, model)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"{root / 'checkpoint.pt'}: its optimizer state does not fit the optimizer of "
+                f"config.yaml (was the run trained with an optimizer factory of its own?): {exc}"
+            ) from exc
     if weights == "sparse":
         _keep_support(model, root, epoch)
     return LoadedRun(root, config, model.eval(), architecture, epoch, weights, optimizer)
@@ -112,8 +125,11 @@ def _keep_support(model: nn.Module, root: Path, epoch: int) -> None:
     if epoch not in record.epochs:
         raise ValueError(f"{path_file}: holds no support for epoch {epoch}")
     params = dict(model.named_parameters())
+    unknown = [name for name in record.names if name not in params]
+    if unknown:
+        raise ValueError(f"{path_file}: records layers the model does not have: {unknown[:3]}")
     for name in record.names:
-        if name in params:
+        if any(record.group_shape(name, epoch)):  # coupled at that epoch
             params[name].mul_(weight_mask(record, name, epoch, params[name].shape))
 
 

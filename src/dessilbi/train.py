@@ -286,6 +286,7 @@ def _restore(loop: _Loop, ckpt: dict[str, Any]) -> None:
         # one epoch more, which the resumed run records again.
         loop.recorder.truncate(run.epoch, run.step)
     loop.records = loop.files.resume_records(run.epoch)
+    loop.saved_epoch = run.epoch
     loop.files.write_config(run.config)  # a resume may have extended the run
 
 
@@ -323,6 +324,7 @@ class _Loop:
     show: bool
     log_every: int
     records: list[dict[str, Any]] = field(default_factory=list)
+    saved_epoch: int = 0  # the epoch of the checkpoint on disk
 
 
 def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: str) -> Any:
@@ -354,14 +356,13 @@ def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: 
 def _diverged(loop: _Loop, loss: float, where: str) -> str:
     """The message of a non-finite loss, with the command that trains on."""
     run = loop.run
-    saved = f"the checkpoint of epoch {run.epoch}" if run.epoch else "no checkpoint yet"
-    lower = f"--lr {run.config.lr / 10:g}"
+    saved = (f"the checkpoint of epoch {loop.saved_epoch}" if loop.saved_epoch
+             else "no checkpoint yet")
+    command = f"dessilbi train --config {run.run_dir / 'config.yaml'} --lr {run.config.lr / 10:g}"
     if run.config.run_name:
-        hint = f"rerun the command with a lower learning rate ({lower}) and another --run-name"
-    else:
-        hint = (f"rerun the command with a lower learning rate ({lower}); another lr is "
-                "another run, in a directory of its own")
-    return f"the loss became {loss} at {where}; {run.run_dir} keeps {saved}. To train on, {hint}"
+        command += f" --run-name {run.config.run_name}-lr{run.config.lr / 10:g}"
+    return (f"the loss became {loss} at {where}; {run.run_dir} keeps {saved}. To train on with "
+            f"a lower learning rate (another run, in a directory of its own): `{command}`")
 
 
 def _follow_model(loop: _Loop) -> None:
@@ -436,6 +437,7 @@ def _run_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
         recorder.state_dict if recorder is not None else None,
         lambda: _checkpoint(loop, rng),
     )
+    loop.saved_epoch = run.epoch
     if run.dist.is_main:
         sparse = record["test_acc_sparse"]
         sparse_text = f" sparse {sparse:.2f}%" if sparse is not None else ""
@@ -547,18 +549,19 @@ def _announce(loop: _Loop) -> None:
     elif run.epoch < total:
         loop.say(f"resuming {run.run_dir} from epoch {run.epoch} of {total}")
     else:
+        stretch = " --schedule-epochs N" if run.config.schedule == "cosine" else ""
         loop.say(f"{run.run_dir}: finished ({run.epoch}/{total} epochs), nothing to train; "
-                 f"extend it with `dessilbi train --resume {run.run_dir} --epochs N`")
+                 f"extend it with `dessilbi train --resume {run.run_dir} --epochs N{stretch}`")
 
 
 def _kept(loop: _Loop, what: str) -> str:
     """What a stopped run leaves behind, and the command that continues it."""
-    run = loop.run
-    kept = (f"{run.run_dir} keeps the checkpoint of epoch {run.epoch}" if run.epoch
+    run, saved = loop.run, loop.saved_epoch
+    kept = (f"{run.run_dir} keeps the checkpoint of epoch {saved}" if saved
             else f"{run.run_dir} has no checkpoint yet")
-    again = (f"`dessilbi train --resume {run.run_dir}` continues from there" if run.epoch
+    again = (f"`dessilbi train --resume {run.run_dir}` continues from there" if saved
              else "the same command starts it again")
-    return f"{what} in epoch {run.epoch + 1}; {kept}; {again}"
+    return f"{what} in epoch {saved + 1}; {kept}; {again}"
 
 
 def _build_loop(

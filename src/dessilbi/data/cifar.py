@@ -190,9 +190,15 @@ def load_cifar(root: str | Path, split: str = "train", variant: str = "cifar10")
     folder, _, _, label_key, meta_name, names_key = CIFAR_LAYOUT[variant]
     directory = find_cifar_dir(root, variant, split)
     if directory is None:
+        jpeg = variant == "cifar10" and any(
+            (where / f"{split}.zip").is_file() or (where / split).is_dir()
+            for where in (root, root / "cifar10-jpeg")
+        )
+        hint = (f"; {root} holds the JPEG copy of CIFAR-10, which --dataset cifar10_jpeg reads"
+                if jpeg else " (pass download=True / --download to fetch them)")
         raise DatasetError(
             f"no {_DISPLAY[variant]} batches under {root}: expected {', '.join(files)} in "
-            f"{root / folder} or {root} (pass download=True / --download to fetch them)"
+            f"{root / folder} or {root}{hint}"
         )
     arrays = [_batch_arrays(directory / name, label_key) for name in files]
     data = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]

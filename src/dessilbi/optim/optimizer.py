@@ -121,7 +121,7 @@ class DessiLBI(Optimizer):
     ) -> None:
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(
-                f"Invalid nonfinite: {nonfinite!r} (expected one of {_NONFINITE_POLICIES})"
+                f"invalid nonfinite: {nonfinite!r} (expected 'raise' or 'skip')"
             )
         self.nonfinite = nonfinite
         defaults = {
@@ -270,7 +270,7 @@ def _validate_group(group: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first invalid hyperparameter of a param group."""
 
     def bad(name: str, rule: str) -> ValueError:
-        return ValueError(f"Invalid {name}: {group[name]!r} ({rule})")
+        return ValueError(f"invalid {name}: {group[name]!r} ({rule})")
 
     if not group["lr"] > 0:
         raise bad("lr", "must be > 0")

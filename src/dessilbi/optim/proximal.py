@@ -37,10 +37,12 @@ GROUP_SCALINGS: tuple[str, ...] = ("none", "sqrt_size")
 def check_structure(structure: str | None, shape: torch.Size | tuple[int, ...]) -> None:
     """Raise ``ValueError`` unless ``structure`` is known and fits a tensor of ``shape``."""
     if structure not in STRUCTURES:
-        raise ValueError(f"Invalid structure: {structure!r} (expected one of {STRUCTURES})")
+        raise ValueError(
+            f"invalid structure: {structure!r} (expected 'filter', 'channel', 'element' or None)"
+        )
     if structure in ("filter", "channel") and len(shape) < 2:
         raise ValueError(
-            f"Invalid structure: {structure!r} needs a tensor with at least 2 dimensions, "
+            f"invalid structure: {structure!r} needs a tensor with at least 2 dimensions, "
             f"got shape {tuple(shape)}; use 'element' or None for 1-D tensors"
         )
 
