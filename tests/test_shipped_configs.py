@@ -257,6 +257,17 @@ def test_shipped_config_trains_one_epoch_on_stand_in_data(name: str, tmp_path: P
         assert isinstance(result.optimizer, dessilbi.DessiLBI)
         assert result.test_acc_sparse is not None and result.selected
 
+    # And it loads back from the run directory alone, W and (DessiLBI) W̃.
+    loaded = dessilbi.load_run(run_dir)
+    assert loaded.architecture.to_dict() == ckpt["architecture"]
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    if config.optimizer == "dessilbi":
+        masks = dessilbi.support_masks(model, result.optimizer)
+        sparse = dessilbi.load_run(run_dir, weights="sparse").model.state_dict()
+        for name, mask in masks.items():
+            assert torch.equal(sparse[name], model.state_dict()[name] * mask), name
+
 
 # ============================================================================ documented examples
 

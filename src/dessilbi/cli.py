@@ -64,6 +64,8 @@ def _refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None
     known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
     close = difflib.get_close_matches(word.split("=")[0], known, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
+    if not word.startswith("-"):
+        hint = " (list values are comma-separated: --exclude conv1,conv2)"
     parser.error(f"unrecognized argument {word!r}{hint}")
 
 
