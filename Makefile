@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dessilbi train --config digits --out runs
+	$(VENV)/bin/dessilbi train --config digits --out runs --report
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -19,6 +19,7 @@ DessiLBI: train a network and read off its sparse structure along the whole path
 
 Examples:
   dessilbi train                                  # the digits demo (embedded data)
+  dessilbi report runs/<run directory>            # its figures and report.html
   dessilbi train --config mnist_lenet5 --data-dir ../shared/data
   dessilbi train --config cifar10_resnet20 --data-dir ../shared/data/cifar10-jpeg --epochs 20
   dessilbi train --resume runs/mnist-lenet5-dessilbi-nu20-seed0-<hash>
@@ -50,6 +51,8 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
         "--epochs may extend it)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars; a line per epoch")
+    parser.add_argument("--report", action="store_true",
+                        help="write the run's report (dessilbi report) when training ends")
     parser.add_argument(
         "--log-every", type=int, default=0, metavar="STEPS",
         help="also print a line every STEPS training steps (default: never)",
@@ -89,6 +92,46 @@ def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     return load_config(saved, overrides)
 
 
+def _report_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "report",
+        help="figures and a one-page HTML report of a run directory",
+        description=(
+            "Write RUN_DIR/report/: the solution path of every coupled layer (one curve of "
+            "||W_g|| per group, coloured by whether Gamma selected it), selected groups per "
+            "layer, accuracies of W and W~, loss and sparsity against epoch, entry epochs, the "
+            "first coupled convolution's filters, and report.html holding them all (PNG and "
+            "SVG files beside it). A run still in progress is reported as far as it got."
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    parser.add_argument("--compare", metavar="OTHER_RUN", type=Path, nargs="+", default=[],
+                        help="runs shown beside it (an SGD run's paths on the same scale)")
+    parser.add_argument("--epochs", metavar="E1,E2", default="",
+                        help="epochs marked in the path figures, comma-separated (20,40,80)")
+    return parser
+
+
+def _epochs(text: str) -> list[int]:
+    try:
+        return [int(e) for e in text.split(",") if e.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"invalid --epochs: {text!r} (expected comma-separated integers)") \
+            from exc
+
+
+def _report(run_dir: Path, compare: Sequence[Path], epochs: Sequence[int]) -> int:
+    from dessilbi.report import ReportError, write_report
+
+    try:
+        page = write_report(run_dir, compare, epochs)
+    except (ReportError, ImportError, ConfigError) as exc:
+        print(f"dessilbi: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {page}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dessilbi`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -96,14 +139,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train_parser = _train_parser(sub)
+    commands = {"train": _train_parser(sub), "report": _report_parser(sub)}
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        _refuse_unknown(train_parser if args.command == "train" else parser, unknown)
+        _refuse_unknown(commands.get(args.command, parser), unknown)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "report":
+        try:
+            return _report(args.run_dir, args.compare, _epochs(args.epochs))
+        except ConfigError as exc:
+            print(f"dessilbi: error: {exc}", file=sys.stderr)
+            return 1
+    return _train(args)
 
+
+def _train(args: argparse.Namespace) -> int:
     from dessilbi.data import DatasetError
     from dessilbi.train import (
         CheckpointError,
@@ -114,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     options = vars(args)
-    reserved = {"command", "config", "resume", "quiet", "log_every"}
+    reserved = {"command", "config", "resume", "quiet", "log_every", "report"}
     overrides = {k: v for k, v in options.items() if k not in reserved}
     try:
         if args.resume is not None:
@@ -137,9 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # with one line naming the problem, not a traceback.
         print(f"dessilbi: error: {exc}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(format_summary(result))
-    return 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(format_summary(result))
+    return _report(result.run_dir, (), ()) if args.report else 0
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def load_run(
                 f"config.yaml (was the run trained with an optimizer factory of its own?): {exc}"
             ) from exc
     if weights == "sparse":
+        if config.optimizer != "dessilbi":
+            raise ValueError(f"{root}: a {config.optimizer} run has no sparse network W̃ (only "
+                             "DessiLBI runs select groups); load weights='dense'")
         _keep_support(model, root, epoch)
     return LoadedRun(root, config, model.eval(), architecture, epoch, weights, optimizer)
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -325,6 +325,7 @@ class _Loop:
     log_every: int
     records: list[dict[str, Any]] = field(default_factory=list)
     saved_epoch: int = 0  # the epoch of the checkpoint on disk
+    recorded_optimizer: Optimizer | None = None  # the optimizer the recorder follows
 
 
 def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: str) -> Any:
@@ -365,12 +366,35 @@ def _diverged(loop: _Loop, loss: float, where: str) -> str:
             f"a lower learning rate (another run, in a directory of its own): `{command}`")
 
 
+class _StructureView:
+    """The param groups DessiLBI would use, in place of a baseline optimizer for the recorder.
+
+    A baseline's run records the group norms of the same layers (the SGD side of the paper's
+    Figure 1); it has no Γ, so its support stays empty.
+    """
+
+    def __init__(self, config: TrainConfig, model: nn.Module) -> None:
+        self.param_groups = structured_param_groups(
+            model, conv=config.conv_structure, linear=config.linear_structure,
+            exclude=config.exclude,
+        )
+        self.state: dict[Any, Any] = {}
+
+
+def _recorder_view(run: TrainingRun) -> Optimizer:
+    """What the path recorder reads Γ and the structure from."""
+    if isinstance(run.optimizer, DessiLBI):
+        return run.optimizer
+    return cast(Optimizer, _StructureView(run.config, run.model))
+
+
 def _follow_model(loop: _Loop) -> None:
     """Point the path recorder at the current model (a callback may have replaced it)."""
     recorder, run = loop.recorder, loop.run
-    if recorder is not None and (recorder.optimizer is not run.optimizer
+    if recorder is not None and (loop.recorded_optimizer is not run.optimizer
                                  or recorder.model is not run.model):
-        recorder.model, recorder.optimizer = run.model, run.optimizer
+        recorder.model, recorder.optimizer = run.model, _recorder_view(run)
+        loop.recorded_optimizer = run.optimizer
 
 
 def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
@@ -604,7 +628,7 @@ def _build_loop(
     show = not quiet and dist_info.is_main
     return _Loop(
         run=run, data=data, files=files, callbacks=callbacks,
-        recorder=PathRecorder(model, optimizer) if isinstance(optimizer, DessiLBI) else None,
+        recorder=PathRecorder(model, _recorder_view(run)), recorded_optimizer=optimizer,
         mask_provider=mask_provider,
         scaler=gradient_scaler(config.precision, device),
         autocast=autocast_factory(config.precision, device),

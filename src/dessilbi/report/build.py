@@ -1,0 +1,93 @@
+"""Assembling the report: which figures, in which sections, written where."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from dessilbi.report.figures import (
+    MAX_CURVES,
+    curves_figure,
+    entry_figure,
+    path_figure,
+    save,
+    selection_figure,
+)
+from dessilbi.report.filters import filter_layer, filters_figure
+from dessilbi.report.page import Section, render_page, summary_table, table
+from dessilbi.report.run_data import RunData
+from dessilbi.run_files import atomic_write_text
+
+__all__ = ["build_report"]
+
+
+def _stem(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def build_report(runs: Sequence[RunData], marks: Sequence[int]) -> Path:
+    """Write ``runs[0].run_dir/report/`` and return its ``report.html``."""
+    main = runs[0]
+    folder = main.run_dir / "report"
+    folder.mkdir(exist_ok=True)
+    sections = [_summary(runs), _paths(runs, marks, folder)]
+    if main.coupled and main.path is not None and main.path.names:
+        sections.append(_selection(main, folder))
+    sections.append(_curves(runs, folder))
+    if main.coupled and main.path is not None and main.path.names:
+        sections.append(_entries(main, folder))
+    layer = filter_layer(main)
+    if layer is not None:
+        png = save(filters_figure(main, layer, marks), folder, "filters")[0]
+        sections.append(Section("filters", "Filters", figures=[(png, f"filters of {layer}")]))
+    page = folder / "report.html"
+    atomic_write_text(render_page(f"dessilbi report: {main.run_dir.name}", sections), page)
+    return page
+
+
+def _summary(runs: Sequence[RunData]) -> Section:
+    config = runs[0].config
+    rows = [[key, value] for key, value in config.items()]
+    return Section("summary", "Run and final figures",
+                   text=f"{runs[0].run_dir} after {runs[0].metrics[-1]['epoch']} of "
+                   f"{config.get('epochs')} epochs.",
+                   tables=[summary_table(runs), table(rows, ["config key", "value"], "config")])
+
+
+def _paths(runs: Sequence[RunData], marks: Sequence[int], folder: Path) -> Section:
+    main = runs[0]
+    section = Section(
+        "path", "Solution path",
+        text="‖W_g‖ of every group against epoch; red: groups Γ selected at the last epoch, "
+        "grey: the others; dashed lines: the chosen epochs; top axis: selected groups. Lasso "
+        "layers show ‖W‖ and ‖W̃‖ of the whole tensor instead of one curve per weight; layers "
+        f"with more than {MAX_CURVES} groups show every selected one and a sample of the rest.",
+    )
+    if main.path is None or not main.path.names:
+        section.text = "This run recorded no path (no layer coupled)."
+        return section
+    for layer in main.path.names:
+        png = save(path_figure(runs, layer, marks), folder, f"path_{_stem(layer)}")[0]
+        section.figures.append((png, f"solution path of {layer}"))
+    return section
+
+
+def _selection(run: RunData, folder: Path) -> Section:
+    png = save(selection_figure(run), folder, "selection")[0]
+    return Section("selection", "Selected groups per layer",
+                   figures=[(png, "selected against total groups, last epoch")])
+
+
+def _curves(runs: Sequence[RunData], folder: Path) -> Section:
+    png = save(curves_figure(runs), folder, "curves")[0]
+    return Section("curves", "Accuracy, loss and sparsity",
+                   text="Test accuracy of the dense W (solid) and of the sparse W̃ = W ⊙ 1[Γ ≠ 0] "
+                   "(dashed; coupled weights only), train loss, and the share of coupled "
+                   "weights outside Γ's support.", figures=[(png, "per-epoch curves")])
+
+
+def _entries(run: RunData, folder: Path) -> Section:
+    png = save(entry_figure(run), folder, "entries")[0]
+    return Section("entries", "Entry epochs",
+                   figures=[(png, "first epoch at which each group was selected, per layer")])

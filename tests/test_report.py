@@ -1,0 +1,125 @@
+"""``dessilbi report``: figures and report.html from tiny real runs (digits)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.colors as mcolors
+import pytest
+import torch
+
+from dessilbi.config import load_config
+from dessilbi.path_record import load_path
+from dessilbi.report import ReportError, read_run, write_report
+from dessilbi.report.figures import SELECTED, UNSELECTED, path_figure
+from dessilbi.train import train
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    lbi = train(load_config("digits", {"epochs": 3, "nu": 5, "out": str(out)}), quiet=True)
+    sgd = train(load_config("digits", {"epochs": 3, "optimizer": "sgd", "out": str(out)}),
+                quiet=True)
+    return lbi.run_dir, sgd.run_dir
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.sources: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if values.get("id"):
+            self.ids.add(str(values["id"]))
+        if tag == "img":
+            self.sources.append(str(values.get("src")))
+        if tag in ("a", "link", "script") and (values.get("href") or values.get("src")):
+            self.links.append(str(values.get("href") or values.get("src")))
+
+
+def test_report_writes_every_figure_and_a_self_contained_page(runs: tuple[Path, Path]) -> None:
+    lbi, sgd = runs
+    page = write_report(lbi, compare=[sgd], epochs=[1, 2])
+    folder = lbi / "report"
+    assert page == folder / "report.html"
+    stems = {"path_conv1.weight", "path_conv2.weight", "path_conv3.weight", "selection",
+             "curves", "entries", "filters"}
+    for stem in stems:
+        assert (folder / f"{stem}.png").read_bytes().startswith(PNG), stem
+        assert ET.parse(folder / f"{stem}.svg").getroot().tag.endswith("svg"), stem
+    parsed = _Page()
+    parsed.feed(page.read_text())
+    assert {"summary", "path", "selection", "curves", "entries", "filters"} <= parsed.ids
+    assert len(parsed.sources) == len(stems)
+    assert all(src.startswith("data:image/png;base64,") for src in parsed.sources)
+    for link in parsed.links:  # only files inside report/ or the page itself
+        assert link.startswith("#") or (folder / link).is_file(), link
+    text = page.read_text()
+    assert "DessiLBI (ν 5, λ 1)" in text and "SGD" in text
+
+
+def test_each_path_curve_has_the_colour_of_its_recorded_support(runs: tuple[Path, Path]) -> None:
+    lbi, sgd = runs
+    main, other = read_run(lbi), read_run(sgd)
+    figure = path_figure([main, other], "conv3.weight", marks=[2])
+    lbi_axes, sgd_axes = figure.axes[0], figure.axes[1]  # (then their twin top axes)
+    support = load_path(lbi / "path.pt").support("conv3.weight", 3)
+    curves = [line for line in lbi_axes.lines if (line.get_gid() or "").startswith("group-")]
+    assert len(curves) == support.numel() == 64
+    for line in curves:
+        group = int(line.get_gid().split("-")[1])
+        expected = SELECTED if bool(support[group]) else UNSELECTED
+        assert mcolors.to_hex(line.get_color()) == expected, group
+    assert 0 < int(support.sum()) < 64
+    sgd_curves = [line for line in sgd_axes.lines if (line.get_gid() or "").startswith("group-")]
+    assert len(sgd_curves) == 64
+    assert {mcolors.to_hex(line.get_color()) for line in sgd_curves} == {UNSELECTED}
+    # The norms drawn are the recorded ones.
+    norms = load_path(lbi / "path.pt").group_norms("conv3.weight")
+    assert torch.allclose(torch.tensor(curves[5].get_ydata()), norms[:, 5].double().float())
+
+
+def test_an_sgd_run_alone_and_a_run_in_progress_are_reported(tmp_path: Path,
+                                                             runs: tuple[Path, Path]) -> None:
+    _, sgd = runs
+    page = write_report(sgd)
+    assert "curves" in page.read_text() and (sgd / "report" / "path_conv3.weight.png").is_file()
+    unfinished = train(load_config("digits", {"epochs": 1, "nu": 5, "out": str(tmp_path)}),
+                       quiet=True).run_dir
+    (unfinished / "model.pt").unlink()  # as while training: no final weights yet
+    assert write_report(unfinished).is_file()
+
+
+def test_a_missing_or_damaged_path_file_is_named(tmp_path: Path) -> None:
+    run = train(load_config("digits", {"epochs": 1, "nu": 5, "out": str(tmp_path)}),
+                quiet=True).run_dir
+    (run / "path.pt").write_bytes(b"not a path")
+    with pytest.raises(ReportError, match=r"path\.pt: cannot be read as a path file"):
+        write_report(run)
+    (run / "path.pt").unlink()
+    with pytest.raises(ReportError, match=r"path\.pt: no path file there"):
+        write_report(run)
+    with pytest.raises(ReportError, match="not a dessilbi run directory"):
+        write_report(tmp_path / "nowhere")
+
+
+def test_the_command_line_writes_the_report(runs: tuple[Path, Path]) -> None:
+    lbi, sgd = runs
+    done = subprocess.run([sys.executable, "-m", "dessilbi", "report", str(lbi), "--compare",
+                           str(sgd), "--epochs", "1,2"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"report: {lbi / 'report' / 'report.html'}"
+    bad = subprocess.run([sys.executable, "-m", "dessilbi", "report", str(lbi), "--epochs",
+                          "x"], capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 1 and "invalid --epochs: 'x'" in bad.stderr
