@@ -59,7 +59,7 @@ def test_report_writes_every_figure_and_a_self_contained_page(runs: tuple[Path, 
         assert ET.parse(folder / f"{stem}.svg").getroot().tag.endswith("svg"), stem
     parsed = _Page()
     parsed.feed(page.read_text())
-    assert {"summary", "path", "selection", "curves", "entries", "filters"} <= parsed.ids
+    assert {"summary", "path", "selection", "curves", "entries", "filters", "config"} <= parsed.ids
     assert len(parsed.sources) == len(stems)
     assert all(src.startswith("data:image/png;base64,") for src in parsed.sources)
     for link in parsed.links:  # only files inside report/ or the page itself

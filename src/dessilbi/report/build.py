@@ -15,7 +15,7 @@ from dessilbi.report.figures import (
     selection_figure,
 )
 from dessilbi.report.filters import filter_layer, filters_figure
-from dessilbi.report.page import Section, render_page, summary_table, table
+from dessilbi.report.page import Section, config_table, render_page, summary_table
 from dessilbi.report.run_data import RunData
 from dessilbi.run_files import atomic_write_text
 
@@ -41,18 +41,18 @@ def build_report(runs: Sequence[RunData], marks: Sequence[int]) -> Path:
     if layer is not None:
         png = save(filters_figure(main, layer, marks), folder, "filters")[0]
         sections.append(Section("filters", "Filters", figures=[(png, f"filters of {layer}")]))
+    sections.append(Section("config", "Configuration", text=f"{main.run_dir / 'config.yaml'}",
+                            tables=[config_table(main.config)]))
     page = folder / "report.html"
     atomic_write_text(render_page(f"dessilbi report: {main.run_dir.name}", sections), page)
     return page
 
 
 def _summary(runs: Sequence[RunData]) -> Section:
-    config = runs[0].config
-    rows = [[key, value] for key, value in config.items()]
     return Section("summary", "Run and final figures",
                    text=f"{runs[0].run_dir} after {runs[0].metrics[-1]['epoch']} of "
-                   f"{config.get('epochs')} epochs.",
-                   tables=[summary_table(runs), table(rows, ["config key", "value"], "config")])
+                   f"{runs[0].config.get('epochs')} epochs (the configuration is at the end).",
+                   tables=[summary_table(runs)])
 
 
 def _paths(runs: Sequence[RunData], marks: Sequence[int], folder: Path) -> Section:

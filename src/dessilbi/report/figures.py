@@ -156,9 +156,11 @@ def selection_figure(run: RunData) -> Figure:
         ax.text(t, i, f" {c}/{t} ({100 * c / t:.0f} %)", va="center", fontsize=7)
     ax.set_yticks(y, names, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xscale("log" if max(totals) > 50 * min(totals) else "linear")
+    log = max(totals) > 50 * min(totals)
+    ax.set_xscale("log" if log else "linear")
+    ax.set_xlim(right=max(totals) * (4 if log else 1.3))  # room for the labels
     ax.set_xlabel(f"groups at epoch {last}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # off the bars
     ax.set_title(f"{run.label}: selected groups per layer", fontsize=9)
     figure.tight_layout()
     return figure

@@ -11,17 +11,19 @@ from typing import Any
 
 from dessilbi.report.run_data import RunData
 
-__all__ = ["Section", "render_page"]
+__all__ = ["Section", "config_table", "render_page", "summary_table", "table"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222;
        padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
-figure { margin: 1em 0; } img { max-width: 100%; height: auto; }
+.figures { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
+figure { margin: 1em 0; flex: 1 1 520px; max-width: 100%; }
+img { max-width: 100%; height: auto; }
 figcaption { font-size: 0.85em; color: #555; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
 td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
-nav a { margin-right: 1em; } .config { columns: 2; }
+nav a { margin-right: 1em; } table.config td:nth-child(odd) { color: #666; }
 """
 
 
@@ -54,6 +56,20 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None,
     return f'<table class="{css}">{head}{body}</table>'
 
 
+def config_table(config: dict[str, Any], columns: int = 3) -> str:
+    """The configuration as ``columns`` key-value pairs per row (a long list stays short)."""
+    items = list(config.items())
+    per_column = -(-len(items) // columns)
+    rows = []
+    for r in range(per_column):
+        row: list[Any] = []
+        for c in range(columns):
+            index = c * per_column + r
+            row += list(items[index]) if index < len(items) else ["", ""]
+        rows.append(row)
+    return table(rows, None, "config")
+
+
 def summary_table(runs: Sequence[RunData]) -> str:
     """The final figures of every run."""
     rows = []
@@ -81,7 +97,10 @@ def render_page(title: str, sections: Sequence[Section]) -> str:
         if s.text:
             parts.append(f"<p>{html.escape(s.text)}</p>")
         parts.extend(s.tables)
-        parts.extend(_figure(png, caption) for png, caption in s.figures)
+        if s.figures:
+            parts.append('<div class="figures">')
+            parts.extend(_figure(png, caption) for png, caption in s.figures)
+            parts.append("</div>")
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
