@@ -96,7 +96,8 @@ def _group_panel(ax: Axes, run: RunData, layer: str, marks: Sequence[int]) -> No
     what = (f"{int(final.sum())}/{final.numel()} groups selected at epoch {epochs[-1]}"
             if run.coupled else f"{final.numel()} groups (no Γ: nothing selected)")
     ax.set_title(f"{run.label}\n{layer}: {what}{sample}", fontsize=9)
-    _selected_axis(ax, run, layer, marks)
+    if run.coupled:  # a baseline selects nothing: no count axis
+        _selected_axis(ax, run, layer, marks)
 
 
 def _element_panel(ax: Axes, run: RunData, layer: str, marks: Sequence[int]) -> None:
@@ -220,7 +221,14 @@ def entry_figure(run: RunData) -> Figure:
         table[row, -1] = float((entry < 0).sum())
         table[row] /= max(1, entry.numel())
     figure, ax = plt.subplots(figsize=(min(14, 4 + 0.25 * len(epochs)), 0.3 * len(names) + 1.8))
-    image = ax.imshow(100 * table, aspect="auto", cmap="Reds", interpolation="nearest")
+    # The colour scale is that of the entries: "never" (often most groups) would wash them out,
+    # so its column carries its percentage as text.
+    top = max(float(table[:, :-1].max()), 1e-9)
+    image = ax.imshow(100 * table, aspect="auto", cmap="Reds", interpolation="nearest",
+                      vmin=0, vmax=100 * top)
+    for row in range(len(names)):
+        ax.text(len(epochs), row, f"{100 * table[row, -1]:.0f}%", ha="center", va="center",
+                fontsize=7, color="white" if table[row, -1] > 0.6 * top else "black")
     ax.set_yticks(range(len(names)), names, fontsize=7)
     labels = [*map(str, epochs), "never"]
     step = max(1, len(labels) // 20)
