@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dessilbi train --config digits --out runs --report
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks tools
 	$(PY) -m mypy
 
 test: lint

@@ -123,3 +123,14 @@ def test_the_command_line_writes_the_report(runs: tuple[Path, Path]) -> None:
     bad = subprocess.run([sys.executable, "-m", "dessilbi", "report", str(lbi), "--epochs",
                           "x"], capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 1 and "invalid --epochs: 'x'" in bad.stderr
+
+
+def test_train_report_writes_the_report_when_training_ends(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "dessilbi", "train", "--epochs", "1", "--nu",
+                           "5", "--quiet", "--report", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    run = next(tmp_path.iterdir())
+    assert f"report: {run / 'report' / 'report.html'}" in done.stdout
+    page = (run / "report" / "report.html").read_text()
+    assert page.count("<section") == page.count("</section>") == 7
