@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
-import matplotlib.colors as mcolors
+import matplotlib.colors as mcolors  # matplotlib comes with the dev install
 import pytest
 import torch
 
@@ -30,14 +30,26 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return lbi.run_dir, sgd.run_dir
 
 
+_VOID = {"img", "meta", "br", "hr", "link", "input"}
+
+
 class _Page(HTMLParser):
+    """Collects ids, image sources and links, and checks that elements close in order."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ids: set[str] = set()
         self.sources: list[str] = []
         self.links: list[str] = []
+        self.unclosed: list[str] = []
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.unclosed and self.unclosed[-1] == tag, (tag, self.unclosed[-3:])
+        self.unclosed.pop()
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _VOID:
+            self.unclosed.append(tag)
         values = dict(attrs)
         if values.get("id"):
             self.ids.add(str(values["id"]))
@@ -63,7 +75,9 @@ def test_report_writes_every_figure_and_a_self_contained_page(runs: tuple[Path, 
     assert len(parsed.sources) == len(stems)
     assert all(src.startswith("data:image/png;base64,") for src in parsed.sources)
     for link in parsed.links:  # only files inside report/ or the page itself
-        assert link.startswith("#") or (folder / link).is_file(), link
+        assert link.startswith("#") or ((folder / link).is_file()
+                                        and (folder / link).resolve().parent == folder.resolve())
+    assert parsed.unclosed == [], parsed.unclosed
     text = page.read_text()
     assert "DessiLBI (ν 5, λ 1)" in text and "SGD" in text
 
@@ -134,3 +148,36 @@ def test_train_report_writes_the_report_when_training_ends(tmp_path: Path) -> No
     assert f"report: {run / 'report' / 'report.html'}" in done.stdout
     page = (run / "report" / "report.html").read_text()
     assert page.count("<section") == page.count("</section>") == 7
+
+
+def test_a_baseline_run_records_the_true_group_norms(runs: tuple[Path, Path]) -> None:
+    _, sgd = runs
+    final = torch.load(sgd / "model.pt", weights_only=True)["conv3.weight"]
+    recorded = load_path(sgd / "path.pt").group_norms("conv3.weight")[-1]
+    assert torch.allclose(recorded, final.flatten(1).norm(dim=1))
+    assert int(load_path(sgd / "path.pt").selected("conv3.weight")[-1]) == 0
+
+
+def test_a_path_file_one_epoch_ahead_is_cut_to_the_metrics(tmp_path: Path,
+                                                           runs: tuple[Path, Path]) -> None:
+    import shutil
+
+    lbi, _ = runs
+    copy = tmp_path / lbi.name
+    shutil.copytree(lbi, copy)
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as between the writes
+    record = read_run(copy).path
+    assert record is not None and record.epochs == [1, 2]
+    full = load_path(lbi / "path.pt")
+    assert torch.equal(record.support("conv3.weight", 2), full.support("conv3.weight", 2))
+    assert write_report(copy).is_file()
+
+
+def test_an_sgd_run_from_before_baselines_recorded_a_path_resumes(tmp_path: Path) -> None:
+    config = load_config("digits", {"epochs": 1, "optimizer": "sgd", "out": str(tmp_path)})
+    run = train(config, quiet=True).run_dir
+    (run / "path.pt").unlink()
+    longer = load_config(run / "config.yaml", {"epochs": 2})
+    assert train(longer, resume_dir=run, quiet=True).epochs == 2
+    assert load_path(run / "path.pt").epochs == [2]  # recorded from the resume on

@@ -68,7 +68,9 @@ def _refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None
     close = difflib.get_close_matches(word.split("=")[0], known, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     if not word.startswith("-"):
-        hint = " (list values are comma-separated: --exclude conv1,conv2)"
+        example = ("--epochs 5,10,20; --compare takes the run directories after it"
+                   if "--compare" in known else "--exclude conv1,conv2")
+        hint = f" (list values are comma-separated: {example})"
     parser.error(f"unrecognized argument {word!r}{hint}")
 
 
@@ -168,6 +170,13 @@ def _train(args: argparse.Namespace) -> int:
     options = vars(args)
     reserved = {"command", "config", "resume", "quiet", "log_every", "report"}
     overrides = {k: v for k, v in options.items() if k not in reserved}
+    if args.report:  # before training, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("dessilbi: error: --report needs matplotlib: pip install 'dessilbi[report]'",
+                  file=sys.stderr)
+            return 1
     try:
         if args.resume is not None:
             if args.config is not None:

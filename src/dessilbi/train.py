@@ -280,7 +280,11 @@ def _restore(loop: _Loop, ckpt: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(rng["cuda"][rank], run.device)
     _restore_callbacks(loop, ckpt["callbacks"])
     run.epoch, run.step = int(ckpt["epoch"]), int(ckpt["step"])
-    if loop.recorder is not None:
+    baseline_without_path = (not isinstance(run.optimizer, DessiLBI)
+                             and not loop.files.path_path.exists())
+    if loop.recorder is not None and not baseline_without_path:
+        # (A baseline run made before baselines recorded their norms has no path.pt: its
+        # recording starts here.)
         loop.recorder.load_state_dict(loop.files.read_path())
         # path.pt is written before the checkpoint: after a crash between the two it holds
         # one epoch more, which the resumed run records again.
@@ -518,8 +522,9 @@ def train(
             On resume pass the same callbacks again (same names).
         mask_provider: ``provider(model, optimizer) -> masks``: the sparse network evaluated
             every epoch (``test_acc_sparse``). Default: Γ's support under DessiLBI, none
-            otherwise. (Both this default and the path recorder are set up when the first
-            optimizer is a DessiLBI: a callback that swaps optimizers keeps the kind.)
+            otherwise. (The default is set up when the first optimizer is a DessiLBI; a
+            baseline optimizer's run records the group norms of the layers the config would
+            couple, with an empty support.)
 
     Under ``precision: fp16`` a step whose *gradients* overflow is skipped by the gradient
     scaler; a non-finite *loss* stops the run like any divergence.

@@ -62,7 +62,8 @@ def _paths(runs: Sequence[RunData], marks: Sequence[int], folder: Path) -> Secti
         text="‖W_g‖ of every group against epoch; red: groups Γ selected at the last epoch, "
         "grey: the others; dashed lines: the chosen epochs; top axis: selected groups. Lasso "
         "layers show ‖W‖ and ‖W̃‖ of the whole tensor instead of one curve per weight; layers "
-        f"with more than {MAX_CURVES} groups show every selected one and a sample of the rest.",
+        f"with more than {MAX_CURVES} groups show {MAX_CURVES} curves, selected groups first, "
+        "then a sample of the rest.",
     )
     if main.path is None or not main.path.names:
         section.text = "This run recorded no path (no layer coupled)."

@@ -37,8 +37,8 @@ __all__ = [
 
 SELECTED = "#c0392b"
 UNSELECTED = "#95a5a6"
-#: Layers with more groups show this many curves (every selected one first, then a seeded
-#: sample of the others), so that a 512-filter layer stays readable.
+#: Layers with more groups show this many curves (selected ones first, then a seeded sample of
+#: the others), so that a 512-filter layer stays readable.
 MAX_CURVES = 256
 
 
@@ -65,9 +65,12 @@ def shown_groups(final: torch.Tensor, limit: int = MAX_CURVES) -> list[int]:
 
 def path_figure(runs: Sequence[RunData], layer: str, marks: Sequence[int]) -> Figure:
     """The solution path of ``layer``: ‖W_g‖ per group against epoch, one panel per run."""
-    panels = [r for r in runs if r.path is not None and layer in r.path.names]
+    panels = [r for r in runs if r.path is not None and layer in r.path.names
+              and any(r.path.group_shape(layer))]
+    kinds = {r.path.structure(layer) == "element" for r in panels if r.path is not None}
+    # One y scale only where the panels show the same quantity (‖W_g‖ or a whole ‖W‖).
     figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.2),
-                                sharey=True, squeeze=False)
+                                sharey=len(kinds) == 1, sharex=True, squeeze=False)
     for ax, run in zip(axes[0], panels, strict=True):
         assert run.path is not None
         if run.path.structure(layer) == "element":
@@ -105,8 +108,9 @@ def _element_panel(ax: Axes, run: RunData, layer: str, marks: Sequence[int]) -> 
     assert run.path is not None
     epochs = run.path.epochs
     ax.plot(epochs, run.path.weight_norms(layer).numpy(), color=UNSELECTED, label="‖W‖")
-    ax.plot(epochs, run.path.weight_norms(layer, sparse=True).numpy(), color=SELECTED,
-            label="‖W̃‖")
+    if run.coupled:
+        ax.plot(epochs, run.path.weight_norms(layer, sparse=True).numpy(), color=SELECTED,
+                label="‖W̃‖")
     _marks(ax, marks)
     ax.set_xlabel("epoch")
     ax.set_ylabel("norm of the whole tensor")
@@ -114,7 +118,8 @@ def _element_panel(ax: Axes, run: RunData, layer: str, marks: Sequence[int]) -> 
     ax.set_title(f"{run.label}\n{layer}: lasso over {entries} entries (summary: per-entry "
                  "norms are not recorded)", fontsize=9)
     ax.legend(loc="best", fontsize=8)
-    _selected_axis(ax, run, layer, marks)
+    if run.coupled:
+        _selected_axis(ax, run, layer, marks)
 
 
 def _marks(ax: Axes, marks: Sequence[int]) -> None:
@@ -145,8 +150,8 @@ def _spread(values: Sequence[int], count: int) -> list[int]:
 def selection_figure(run: RunData) -> Figure:
     """Selected against total groups per coupled layer at the last epoch, with the ratio."""
     assert run.path is not None
-    names = run.path.names
     last = run.path.epochs[-1]
+    names = [n for n in run.path.names if any(run.path.group_shape(n, last))]  # still coupled
     totals = [run.path.support(n, last).numel() for n in names]
     chosen = [int(run.path.selected(n)[-1]) for n in names]
     figure, ax = plt.subplots(figsize=(7.5, 0.32 * len(names) + 1.4))
@@ -197,16 +202,19 @@ def curves_figure(runs: Sequence[RunData]) -> Figure:
 def sparsity(run: RunData) -> list[float]:
     """Per recorded epoch: the percentage of coupled weights outside Γ's support."""
     assert run.path is not None
-    kept = np.zeros(len(run.path.epochs))
-    total = 0.0
+    epochs = run.path.epochs
+    kept, total = np.zeros(len(epochs)), np.zeros(len(epochs))
     for name in run.path.names:
-        groups = run.path.support(name, run.path.epochs[-1]).numel()
-        size = 1.0
-        if run.latest is not None and name in run.latest and run.path.structure(name) != "element":
-            size = run.latest[name].numel() / groups
+        # Weights per group, from the weights at hand (1 for lasso layers: a group is a weight).
+        weights = (run.latest or {}).get(name, (run.initial or {}).get(name))
+        final_groups = math.prod(run.path.group_shape(name)) or 1
+        element = run.path.structure(name) == "element"
+        size = 1.0 if element or weights is None else weights.numel() / final_groups
+        groups = np.array([math.prod(run.path.group_shape(name, e)) for e in epochs], float)
         kept += run.path.selected(name).numpy() * size
-        total += groups * size
-    return (100.0 * (1.0 - kept / total)).tolist() if total else [math.nan] * len(kept)
+        total += groups * size  # per epoch: layers added or widened later count from then
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (100.0 * (1.0 - kept / total)).tolist()
 
 
 def entry_figure(run: RunData) -> Figure:

@@ -29,13 +29,13 @@ def filter_layer(run: RunData) -> str | None:
     return None
 
 
-def _picture(filt: torch.Tensor) -> np.ndarray:
-    """A filter ``[in, h, w]`` as an image: RGB for 3 input channels, else their mean."""
+def _picture(filt: torch.Tensor, scale: float) -> np.ndarray:
+    """A filter ``[in, h, w]`` as an image in [0, 1]: RGB for 3 input channels, else their
+    mean; ``scale`` is the largest magnitude of the row, so collapsed filters look collapsed."""
     image = filt.permute(1, 2, 0) if filt.shape[0] == 3 else filt.mean(0, keepdim=True).permute(
         1, 2, 0)
-    image = image - image.min()
-    top = float(image.max())
-    array: np.ndarray = (image / top if top > 0 else image).numpy()
+    array: np.ndarray = (0.5 + 0.5 * image / scale).clamp(0, 1).numpy() if scale > 0 \
+        else np.full(tuple(image.shape), 0.5)
     return array if array.shape[-1] == 3 else array[..., 0]
 
 
@@ -53,6 +53,9 @@ def filters_figure(run: RunData, layer: str, marks: Sequence[int]) -> Figure:
     figure, axes = plt.subplots(len(rows) * lines, columns, squeeze=False,
                                 figsize=(0.62 * columns + 1.2, 0.68 * len(rows) * lines + 0.9))
     for r, (label, weight) in enumerate(rows):
+        pictures = weight[:count].float()
+        scale = float(pictures.mean(1).abs().max()) if pictures.shape[1] != 3 else float(
+            pictures.abs().max())
         for i in range(lines * columns):
             ax = axes[r * lines + i // columns][i % columns]
             ax.set_xticks([])
@@ -60,7 +63,8 @@ def filters_figure(run: RunData, layer: str, marks: Sequence[int]) -> Figure:
             if i >= count:
                 ax.axis("off")
                 continue
-            ax.imshow(_picture(weight[i].float()), cmap="gray", interpolation="nearest")
+            ax.imshow(_picture(pictures[i], scale), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
             colour, width = (SELECTED, 2.5) if bool(final[i]) else (UNSELECTED, 0.8)
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
@@ -70,6 +74,8 @@ def filters_figure(run: RunData, layer: str, marks: Sequence[int]) -> Figure:
                                         strict=True)}
     at = ", ".join(f"epoch {e}: {counts[e]}" for e in marks if e in counts)
     shown = "" if count == final.numel() else f" (first {count} of {final.numel()})"
-    figure.suptitle(f"{run.label}: filters of {layer}{shown}; red frame = selected at epoch "
-                    f"{run.path.epochs[-1]}" + (f"; selected at {at}" if at else ""), fontsize=8)
+    frames = (f"; red frame = selected at epoch {run.path.epochs[-1]}"
+              + (f"; selected at {at}" if at else "") if run.coupled else "")
+    figure.suptitle(f"{run.label}: filters of {layer}{shown} (grey = 0; one scale per row)"
+                    f"{frames}", fontsize=8)
     return figure

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
+from torch import nn
+from torch.optim import Optimizer
 
-from dessilbi.path_record import PathRecord, load_path
+from dessilbi.path_record import PathRecord, PathRecorder, load_path
 from dessilbi.run_files import read_metrics
 
 __all__ = ["ReportError", "RunData", "read_run"]
@@ -54,7 +56,12 @@ def read_run(run_dir: str | Path) -> RunData:
     config_file = root / "config.yaml"
     if not config_file.is_file():
         raise ReportError(f"{root}: not a dessilbi run directory (no config.yaml)")
-    config = yaml.safe_load(config_file.read_text()) or {}
+    try:
+        config = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{config_file}: damaged ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ReportError(f"{config_file}: not a mapping of config keys")
     try:
         metrics = read_metrics(root / "metrics.jsonl")
     except json.JSONDecodeError as exc:
@@ -67,6 +74,7 @@ def read_run(run_dir: str | Path) -> RunData:
             path = load_path(root / "path.pt")
         except (FileNotFoundError, ValueError) as exc:
             raise ReportError(str(exc)) from exc
+        path = _up_to(path, root / "path.pt", int(metrics[-1]["epoch"]))
     return RunData(root, _label(config), config, metrics, path, _weights(root / "init.pt"),
                    _latest(root))
 
@@ -77,6 +85,24 @@ def _label(config: dict[str, Any]) -> str:
         return f"DessiLBI (ν {config.get('nu'):g}, λ {config.get('lam'):g})"
     return {"sgd": "SGD", "adam": "Adam"}.get(str(config.get("optimizer")),
                                               str(config.get("optimizer")))
+
+
+def _up_to(record: PathRecord, file: Path, epoch: int) -> PathRecord:
+    """The path cut back to ``epoch``: path.pt is written before metrics.jsonl, so in a run in
+    progress it can hold one epoch more, which the page would show out of step."""
+    if not record.epochs or record.epochs[-1] <= epoch or epoch not in record.epochs:
+        return record
+    recorder = PathRecorder(nn.Module(), cast(Optimizer, _NoOptimizer()))
+    recorder.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    recorder.truncate(epoch, record.steps[record.epochs.index(epoch)])
+    return recorder.record()
+
+
+class _NoOptimizer:
+    """Stands in for the optimizer of a recorder that only truncates a recording."""
+
+    param_groups: list[Any] = []
+    state: dict[Any, Any] = {}
 
 
 def _weights(file: Path) -> dict[str, torch.Tensor] | None:
