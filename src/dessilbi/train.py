@@ -332,7 +332,7 @@ class _Loop:
     recorded_optimizer: Optimizer | None = None  # the optimizer the recorder follows
 
 
-def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: str) -> Any:
+def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, batch: int) -> Any:
     """One optimizer step on a batch; returns the (detached) loss and logits."""
     run = loop.run
     x = loop.data.prepare_train(images, loop.aug_gen)
@@ -340,6 +340,7 @@ def _train_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: 
         logits = run.net(x)
     loss = F.cross_entropy(logits.float(), labels)
     if not torch.isfinite(loss):
+        where = f"epoch {run.epoch + 1}, step {batch + 1}"  # only for the message
         raise TrainingError(_diverged(loop, float(loss.detach()), where))
     run.optimizer.zero_grad(set_to_none=True)
     loop.scaler.scale(loss).backward()
@@ -410,7 +411,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
     bar = tqdm(batches.epoch(epoch), total=batches.num_batches, desc=f"epoch {epoch + 1}",
                leave=False, disable=not loop.show, dynamic_ncols=True)
     for i, (images, labels) in enumerate(bar):
-        loss, logits = _train_step(loop, images, labels, f"epoch {epoch + 1}, step {i + 1}")
+        loss, logits = _train_step(loop, images, labels, i)
         with torch.no_grad():
             totals[0] += loss * labels.numel()
             totals[1] += (logits.argmax(1) == labels).sum()

@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dessilbi.path_record import PathRecord, PathRecorder, load_path
-from dessilbi.run_files import read_metrics
+from dessilbi.run_files import CheckpointError, load_weights, read_metrics
 
 __all__ = ["ReportError", "RunData", "read_run"]
 
@@ -106,15 +106,13 @@ class _NoOptimizer:
 
 
 def _weights(file: Path) -> dict[str, torch.Tensor] | None:
+    """The weights in ``file`` (a bare state dict or a checkpoint), None when there is none."""
     if not file.is_file():
         return None
     try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file raises many kinds of errors
-        raise ReportError(f"{file}: damaged or not a torch file ({exc})") from exc
-    if isinstance(loaded, dict) and "model" in loaded and "format" in loaded:
-        loaded = loaded["model"]
-    return loaded if isinstance(loaded, dict) else None
+        return load_weights(file)
+    except CheckpointError as exc:
+        raise ReportError(str(exc)) from exc
 
 
 def _latest(root: Path) -> dict[str, torch.Tensor] | None:
