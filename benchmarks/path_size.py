@@ -104,6 +104,7 @@ def main() -> None:
     entries = sum(state[k][n].numel() * 4 for n in layers for k in ("entry_step", "entry_epoch"))
     flips = sum(state["support_flips"][n].numel() * 4 for n in fc)
     dense = sum(state["support"][n].numel() * 5 for n in state["support"])
+    pictures = sum(t.numel() * 2 for t in state["filter_pictures"].values())
     old = old_format_bytes(layers, args.epochs)
     elements = sum(g for s, g in layers.values() if s == "element")
     filters = sum(g for s, g in layers.values() if s != "element")
@@ -113,6 +114,7 @@ def main() -> None:
     print(f"  entry step/epoch (int32, every group):        {entries / MB:.2f} MB")
     print(f"  classifier support flips (int32):              {flips / MB:.2f} MB")
     print(f"  filter norms + supports (float32 + bool [E,G]): {dense / MB:.2f} MB")
+    print(f"  filter pictures of {state['picture_layer']} (float16):    {pictures / MB:.2f} MB")
     print(f"old dense format (version 1), computed:         {old / MB:.2f} MB "
           f"({old / size:.0f}x larger)")
     # The file reads back: decode the classifier's support at the last epoch from its flips.

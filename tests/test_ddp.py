@@ -85,6 +85,9 @@ def _worker(rank: int, tmp: str) -> None:
             [s for s, _ in selected_groups(model.module, opt).values()]
         )
         torch.save(state, os.path.join(tmp, f"rank{rank}.pt"))
+        # Both ranks reach teardown together: gloo aborts a rank ("terminate called without an
+        # active exception") when its peer destroys the group while it still sends or receives.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

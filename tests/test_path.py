@@ -22,7 +22,14 @@ from dessilbi import (
     support_masks,
     weight_group_norms,
 )
-from dessilbi.path_record import PathFileError, PathRecord, PathRecorder, load_path
+from dessilbi.path_record import (
+    PICTURE_FILTERS,
+    PathFileError,
+    PathRecord,
+    PathRecorder,
+    filter_picture,
+    load_path,
+)
 from nets import Net
 
 F64 = torch.float64
@@ -464,6 +471,41 @@ def test_widened_parameters_keep_history_and_record_new_groups(tmp_path: Path) -
     state = rec.state_dict()
     assert state["shape_changes"]["conv.weight"].tolist() == [[8], [12]]
     assert state["shape_changed_at"]["conv.weight"].tolist() == [[0, 0], [7, 2]]
+
+
+def test_filter_pictures_follow_the_weights_and_widening(tmp_path: Path) -> None:
+    """The first filter-structured conv is pictured at every epoch: each recorded picture
+    equals the literal one of that epoch's weight (mean over its 2 input channels, float16),
+    widening 8 -> 12 filters shows 12 from then on, the pictures survive path.pt, and a
+    version-2 file written before pictures existed reads as having none."""
+    model, opt = coupled_setup()
+    script = Script(model, opt)
+    rec = PathRecorder(model, opt)
+    expected = {}
+    for epoch in (1, 2, 3):
+        if epoch == 3:
+            widen_conv(model, opt, 4)
+        run_epochs(script, [rec], epoch, epoch)
+        weight = model.conv.weight.detach()
+        expected[epoch] = weight.mean(1, keepdim=True).half()
+    record = reload(rec.state_dict(), tmp_path)
+    assert record.picture_layer == "conv.weight"
+    pictures = record.filter_pictures()
+    assert sorted(pictures) == [1, 2, 3]
+    assert [p.shape for p in pictures.values()] == [(8, 1, 3, 3), (8, 1, 3, 3), (12, 1, 3, 3)]
+    for epoch, picture in pictures.items():
+        assert torch.equal(picture, expected[epoch]), epoch
+    assert not torch.equal(pictures[1], pictures[2])  # the weights moved
+    rgb = nn.Conv2d(3, 100, 3).weight
+    assert filter_picture(rgb).shape == (PICTURE_FILTERS, 3, 3, 3)
+    assert torch.equal(filter_picture(rgb), rgb.detach()[:PICTURE_FILTERS].half())
+    old = rec.state_dict()
+    del old["picture_layer"], old["filter_pictures"]
+    assert PathRecord(old).picture_layer is None and PathRecord(old).filter_pictures() == {}
+    broken = rec.state_dict()
+    broken["picture_layer"] = "fc9.weight"
+    with pytest.raises(ValueError, match="fc9.weight.*not a recorded layer"):
+        PathRecord(broken)
 
 
 def test_replaced_model_and_optimizer_are_followed() -> None:

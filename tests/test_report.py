@@ -16,6 +16,7 @@ from dessilbi.config import load_config
 from dessilbi.path_record import load_path
 from dessilbi.report import ReportError, read_run, write_report
 from dessilbi.report.figures import SELECTED, UNSELECTED, path_figure
+from dessilbi.report.filters import filters_figure
 from dessilbi.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -101,6 +102,37 @@ def test_each_path_curve_has_the_colour_of_its_recorded_support(runs: tuple[Path
     # The norms drawn are the recorded ones.
     norms = load_path(lbi / "path.pt").group_norms("conv3.weight")
     assert torch.allclose(torch.tensor(curves[5].get_ydata()), norms[:, 5].double().float())
+
+
+def test_filter_pictures_show_the_chosen_epochs_framed_by_their_support(
+        runs: tuple[Path, Path]) -> None:
+    """Rows: initial weights (framed by the last support), the chosen epochs 1 and 2, and the
+    last epoch 3, each showing the recorded picture of that epoch framed by that epoch's
+    support."""
+    lbi, _ = runs
+    run = read_run(lbi)
+    record = load_path(lbi / "path.pt")
+    figure = filters_figure(run, "conv1.weight", marks=[1, 2])
+    grid = [ax for ax in figure.axes if ax.images]
+    assert len(grid) == 4 * 16
+    epochs = [3, 1, 2, 3]  # the support that frames each row
+    pictures = record.filter_pictures()
+    framed = 0
+    for index, ax in enumerate(grid):
+        row, filt = divmod(index, 16)
+        selected = bool(record.support("conv1.weight", epochs[row])[filt])
+        assert mcolors.to_hex(ax.spines["top"].get_edgecolor()) == (
+            SELECTED if selected else UNSELECTED), (row, filt)
+        framed += selected
+        if row > 0:  # the picture drawn is the recorded one, 0 at mid-grey
+            picture = pictures[epochs[row]][filt, 0].float()
+            scale = float(pictures[epochs[row]].float().abs().max())
+            drawn = torch.tensor(ax.images[0].get_array()).double()
+            assert torch.allclose(drawn, (0.5 + 0.5 * picture / scale).clamp(0, 1).double(),
+                                  atol=1e-6), (row, filt)
+    assert framed > 0
+    labels = [ax.get_ylabel() for ax in grid[::16]]
+    assert labels[0].startswith("initial") and labels[1].startswith("epoch 1")
 
 
 def test_an_sgd_run_alone_and_a_run_in_progress_are_reported(tmp_path: Path,

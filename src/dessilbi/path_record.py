@@ -27,6 +27,12 @@ Group-structured layers only (the version-1 keys, unchanged): ``group_norms`` fl
 ``[E, G]`` (‖W_g‖ per epoch) and ``support`` bool ``[E, G]``, ``G`` the current group count;
 groups that did not exist yet at an epoch (a layer added or widened later) hold NaN / False.
 
+Filter pictures (optional; files without them read as having none): ``picture_layer`` (str,
+``""`` for none): the first filter-structured 4-D layer recorded, and ``filter_pictures``
+{that layer: float16 ``[E, F, c, h, w]``}: its first ``F <= 64`` filters at every epoch, the 3
+input channels kept for RGB inputs (``c = 3``), else their mean (``c = 1``); NaN where the layer
+was not coupled or had fewer filters. About 19 kB an epoch for ResNet-18's 7x7 stem.
+
 Element-structured layers only (no per-entry, per-epoch tensors: a 512x1000 classifier would
 take 2.5 MB an epoch): ``support_flips`` int32, the flat indices whose support changed at each
 epoch, concatenated, and ``support_flip_counts`` int64 ``[E]``, how many belong to each epoch.
@@ -58,6 +64,7 @@ __all__ = [
     "PathFileError",
     "PathRecord",
     "PathRecorder",
+    "filter_picture",
     "load_path",
 ]
 
@@ -67,6 +74,10 @@ PATH_FORMAT = "dessilbi.path"
 PATH_VERSION = 2
 
 _ENTRY_DTYPE = torch.int32
+#: At most this many filters of the picture layer are kept per epoch.
+PICTURE_FILTERS = 64
+#: Kernels larger than this (per side) are not pictured.
+_PICTURE_MAX_KERNEL = 11
 
 
 # --------------------------------------------------------------------------- recording internals
@@ -103,6 +114,21 @@ def _corner(t: torch.Tensor, shape: Shape) -> torch.Tensor:
     return t[tuple(slice(0, n) for n in shape)].clone()
 
 
+def _picturable(structure: str, weight: torch.Tensor) -> bool:
+    """Whether a coupled weight is a convolution whose filters can be shown as pictures."""
+    return (structure == "filter" and weight.dim() == 4
+            and max(weight.shape[2:]) <= _PICTURE_MAX_KERNEL)
+
+
+def filter_picture(weight: torch.Tensor) -> torch.Tensor:
+    """The first filters of a conv weight as small pictures: float16 ``[F, c, h, w]``, RGB
+    (``c = 3``) for 3 input channels, else the mean over the input channels (``c = 1``)."""
+    filters = weight.detach()[:PICTURE_FILTERS].float()
+    if filters.shape[1] != 3:
+        filters = filters.mean(1, keepdim=True)
+    return filters.half().cpu()
+
+
 @dataclass
 class _Row:
     """One layer at one recorded epoch. ``present`` False: the layer was not coupled then."""
@@ -115,6 +141,7 @@ class _Row:
     norms: torch.Tensor | None = None  # group layers: float32 [G_e]
     support: torch.Tensor | None = None  # group layers: bool [G_e]
     flips: torch.Tensor | None = None  # element layers: int32 flat indices
+    picture: torch.Tensor | None = None  # the picture layer: float16 [F, c, h, w]
 
 
 @dataclass
@@ -227,6 +254,7 @@ class PathRecorder:
         self._model = model
         self._optimizer = optimizer
         self._layers: dict[str, _Layer] = {}
+        self._picture_layer: str | None = None
         self._epochs: list[int] = []
         self._steps: list[int] = []
         self._last_step = 0
@@ -345,6 +373,10 @@ class PathRecorder:
                 layer.last_support = None
             else:
                 layer.rows.append(self._row(layer, param, epoch))
+                if self._picture_layer is None and _picturable(layer.structure, param):
+                    self._picture_layer = layer.name
+                if layer.name == self._picture_layer:
+                    layer.rows[-1].picture = filter_picture(param)
         self._epochs.append(epoch)
         self._steps.append(self._last_step)
 
@@ -413,6 +445,8 @@ class PathRecorder:
             kept.last_support = _last_support(kept)
             layers[name] = kept
         self._layers = layers
+        if self._picture_layer not in layers:
+            self._picture_layer = None
         self._epochs = self._epochs[:keep]
         self._steps = self._steps[:keep]
         self._last_step = step
@@ -432,6 +466,8 @@ class PathRecorder:
             "epochs": torch.tensor(self._epochs, dtype=torch.long),
             "steps": torch.tensor(self._steps, dtype=torch.long),
             "last_step": self._last_step,
+            "picture_layer": self._picture_layer or "",
+            "filter_pictures": {},
         }
         # Every per-layer key, in a fixed order, even where no layer has it.
         for key in _COMMON_KEYS + _GROUP_KEYS + _ELEMENT_KEYS:
@@ -439,6 +475,10 @@ class PathRecorder:
         for layer in self._layers.values():
             for key, value in _encode_layer(layer).items():
                 state[key][layer.name] = value
+        if self._picture_layer is not None:
+            pictures = _encode_pictures(self._layers[self._picture_layer].rows)
+            if pictures is not None:
+                state["filter_pictures"][self._picture_layer] = pictures
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -464,6 +504,7 @@ class PathRecorder:
         }
         decoded = _decode_state(state, shapes)
         self._layers = decoded.layers
+        self._picture_layer = decoded.picture_layer
         self._epochs = decoded.epochs
         self._steps = decoded.steps
         self._last_step = decoded.last_step
@@ -520,12 +561,37 @@ def _encode_layer(layer: _Layer) -> dict[str, torch.Tensor]:
     return out
 
 
+def _encode_pictures(rows: Sequence[_Row]) -> torch.Tensor | None:
+    """The pictures of every epoch as one float16 ``[E, F, c, h, w]`` tensor (NaN: none that
+    epoch); rows whose pictures differ from the last one's in ``c, h, w`` are left out."""
+    shown = [r.picture for r in rows if r.picture is not None]
+    if not shown:
+        return None
+    tail = tuple(shown[-1].shape[1:])
+    count = max(p.shape[0] for p in shown if tuple(p.shape[1:]) == tail)
+    out = torch.full((len(rows), count, *tail), math.nan, dtype=torch.float16)
+    for i, r in enumerate(rows):
+        if r.picture is not None and tuple(r.picture.shape[1:]) == tail:
+            out[i, : r.picture.shape[0]] = r.picture
+    return out
+
+
+def _decode_pictures(layer: _Layer, pictures: torch.Tensor) -> None:
+    """Give each row of ``layer`` its picture from :func:`_encode_pictures`'s tensor."""
+    if pictures.dim() != 5 or pictures.shape[0] != len(layer.rows):
+        raise ValueError(f"'filter_pictures' is not [{len(layer.rows)}, F, c, h, w]")
+    for row, picture in zip(layer.rows, pictures, strict=True):
+        valid = ~torch.isnan(picture.float().reshape(picture.shape[0], -1)).any(1)
+        row.picture = picture[valid].clone() if bool(valid.any()) else None
+
+
 class _Decoded(NamedTuple):
     version: int
     layers: dict[str, _Layer]
     epochs: list[int]
     steps: list[int]
     last_step: int
+    picture_layer: str | None = None
 
 
 def _decode_state(state: Any, element_shapes: Mapping[str, Shape] | None = None) -> _Decoded:
@@ -561,7 +627,14 @@ def _decode_state(state: Any, element_shapes: Mapping[str, Shape] | None = None)
             layers[name] = _decode_layer(state, name, structure, len(epochs))
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"layer {name!r}: {exc!r}") from exc
-    return _Decoded(PATH_VERSION, layers, epochs, steps, int(state["last_step"]))
+    picture_layer = str(state.get("picture_layer") or "") or None
+    if picture_layer is not None:
+        if picture_layer not in layers:
+            raise ValueError(f"'picture_layer' {picture_layer!r} is not a recorded layer")
+        pictures = state.get("filter_pictures", {}).get(picture_layer)
+        if pictures is not None:
+            _decode_pictures(layers[picture_layer], pictures)
+    return _Decoded(PATH_VERSION, layers, epochs, steps, int(state["last_step"]), picture_layer)
 
 
 def _decode_layer(state: Mapping[str, Any], name: str, structure: str, num_epochs: int) -> _Layer:
@@ -672,6 +745,8 @@ class PathRecord:
         self.epochs: list[int] = decoded.epochs
         self.steps: list[int] = decoded.steps
         self._layers = decoded.layers
+        #: The layer whose filters are pictured at every epoch (None: none recorded).
+        self.picture_layer: str | None = decoded.picture_layer
 
     @property
     def names(self) -> list[str]:
@@ -737,6 +812,15 @@ class PathRecord:
             if i == index:
                 return support.clone()
         raise AssertionError("unreachable: every recorded epoch has a row")
+
+    def filter_pictures(self) -> dict[int, torch.Tensor]:
+        """The first filters of :attr:`picture_layer` per recorded epoch, float16
+        ``[F, c, h, w]`` (see the module docstring); empty when none were recorded."""
+        if self.picture_layer is None:
+            return {}
+        rows = self._layer(self.picture_layer).rows
+        return {e: r.picture.clone() for e, r in zip(self.epochs, rows, strict=True)
+                if r.picture is not None}
 
     def supports(self, name: str) -> list[torch.Tensor]:
         """The support at every recorded epoch (as :meth:`support`, decoded in one pass)."""

@@ -26,6 +26,7 @@ __all__ = [
     "MAX_CURVES",
     "SELECTED",
     "UNSELECTED",
+    "spread",
     "curves_figure",
     "entry_figure",
     "path_figure",
@@ -132,7 +133,7 @@ def _selected_axis(ax: Axes, run: RunData, layer: str, marks: Sequence[int]) -> 
     assert run.path is not None
     epochs = run.path.epochs
     counts = dict(zip(epochs, run.path.selected(layer).tolist(), strict=True))
-    ticks = [e for e in marks if e in counts] or _spread(epochs, 6)
+    ticks = [e for e in marks if e in counts] or spread(epochs, 6)
     top = ax.twiny()
     top.set_xlim(ax.get_xlim())
     top.set_xticks(ticks)
@@ -140,7 +141,7 @@ def _selected_axis(ax: Axes, run: RunData, layer: str, marks: Sequence[int]) -> 
     top.set_xlabel("selected", fontsize=8)
 
 
-def _spread(values: Sequence[int], count: int) -> list[int]:
+def spread(values: Sequence[int], count: int) -> list[int]:
     """About ``count`` values spread evenly over ``values`` (the last one included)."""
     step = max(1, math.ceil(len(values) / count))
     picked = list(values[::step])
