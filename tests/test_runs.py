@@ -55,6 +55,30 @@ def test_the_sparse_network_is_w_on_the_support_of_gamma(finished: RunResult) ->
     assert any(bool((~m).any()) for m in masks.values())  # something was zeroed
 
 
+def test_the_pruned_network_also_zeroes_the_unselected_filters_biases(
+        finished: RunResult) -> None:
+    """weights="pruned": W̃, and the bias entries of the filters Γ did not select are zero (the
+    digits CNN has no norm layers; tests/test_subnet.py covers batch norm)."""
+    result = finished
+    assert result.model is not None and result.optimizer is not None
+    pruned = dessilbi.load_run(result.run_dir, weights="pruned")
+    assert pruned.weights == "pruned"
+    masks = dessilbi.support_masks(result.model, result.optimizer)
+    weights = pruned.model.state_dict()
+    zeroed = 0
+    for name, value in result.model.state_dict().items():
+        layer, _, kind = name.rpartition(".")
+        mask = masks.get(f"{layer}.weight")
+        if mask is None:
+            assert torch.equal(weights[name], value), name
+            continue
+        kept = mask.flatten(1).any(1)
+        expected = value * mask if kind == "weight" else value * kept
+        assert torch.equal(weights[name], expected), name
+        zeroed += int((~kept).sum()) if kind == "bias" else 0
+    assert zeroed > 0
+
+
 def test_without_the_checkpoint_the_final_weights_still_load(tmp_path: Path) -> None:
     config = load_config("digits", {"epochs": 1, "optimizer": "sgd", "out": str(tmp_path)})
     result = train(config, quiet=True)
@@ -66,7 +90,9 @@ def test_without_the_checkpoint_the_final_weights_still_load(tmp_path: Path) -> 
         dessilbi.load_run(result.run_dir, with_optimizer=True)
     with pytest.raises(ValueError, match="a sgd run has no sparse network"):
         dessilbi.load_run(result.run_dir, weights="sparse")
-    with pytest.raises(ValueError, match="invalid weights: 'pruned'"):
+    with pytest.raises(ValueError, match="a sgd run has no sparse network"):
         dessilbi.load_run(result.run_dir, weights="pruned")
+    with pytest.raises(ValueError, match="invalid weights: 'compact'"):
+        dessilbi.load_run(result.run_dir, weights="compact")
     with pytest.raises(ConfigError, match="config.yaml"):
         dessilbi.load_run(tmp_path / "nowhere")

@@ -7,6 +7,7 @@ Example::
     run = dessilbi.load_run("runs/mnist-lenet5-dessilbi-nu20-seed0-1a2b3c")
     run.model                  # the trained network with its dense weights W (eval mode)
     sparse = dessilbi.load_run(run.run_dir, weights="sparse").model   # W̃ = W ⊙ 1[Γ ≠ 0]
+    pruned = dessilbi.load_run(run.run_dir, weights="pruned").model   # W̃, pruned filters off
     resumable = dessilbi.load_run(run.run_dir, with_optimizer=True)   # + optimizer and state
 """
 
@@ -28,7 +29,7 @@ from dessilbi.run_state import Architecture
 
 __all__ = ["LoadedRun", "load_run"]
 
-_WEIGHTS = ("dense", "sparse")
+_WEIGHTS = ("dense", "sparse", "pruned")
 
 
 @dataclass
@@ -41,7 +42,8 @@ class LoadedRun:
         model: the network, built from the saved architecture, in eval mode.
         architecture: how the network was built (registered model and its arguments).
         epoch: the epoch the weights are from.
-        weights: ``"dense"`` (W) or ``"sparse"`` (W̃ = W ⊙ 1[Γ ≠ 0], from ``path.pt``).
+        weights: ``"dense"`` (W), ``"sparse"`` (W̃ = W ⊙ 1[Γ ≠ 0], from ``path.pt``) or
+            ``"pruned"`` (W̃ with the unselected filters' biases and norm affine zeroed too).
         optimizer: with ``with_optimizer=True``, the optimizer with its state (V, Γ, momentum).
     """
 
@@ -66,7 +68,11 @@ def load_run(
     from ``model.pt`` with its architecture in ``model.json``. ``weights="sparse"`` zeroes every
     coupled weight outside the support of Γ recorded in ``path.pt`` at that epoch (the paper's
     W̃; biases and normalisation parameters stay, as in the ``test_acc_sparse`` of
-    ``metrics.jsonl``). ``with_optimizer=True`` needs ``checkpoint.pt``.
+    ``metrics.jsonl``). ``weights="pruned"`` is the pruned network: W̃, and for filter-coupled
+    layers also the bias entries of the unselected filters and the affine weight and bias of the
+    normalisation channels that follow them (found with torch-pruning's dependency graph, see
+    :mod:`dessilbi.subnet.dependency`), so an unselected channel is exactly zero after its norm,
+    as if the filter were removed. ``with_optimizer=True`` needs ``checkpoint.pt``.
 
     Raises:
         ConfigError: no ``config.yaml`` (not a run directory).
@@ -74,7 +80,8 @@ def load_run(
         ValueError: an unknown ``weights``, or ``"sparse"`` for a run without a path.
     """
     if weights not in _WEIGHTS:
-        raise ValueError(f"invalid weights: {weights!r} (expected 'dense' or 'sparse')")
+        raise ValueError(f"invalid weights: {weights!r} (expected 'dense', 'sparse' or "
+                         "'pruned')")
     root = Path(run_dir)
     if with_optimizer and weights != "dense":
         raise ValueError("with_optimizer=True loads the dense weights W the optimizer state "
@@ -109,16 +116,35 @@ def load_run(
                 f"{root / 'checkpoint.pt'}: its optimizer state does not fit the optimizer of "
                 f"config.yaml (was the run trained with an optimizer factory of its own?): {exc}"
             ) from exc
-    if weights == "sparse":
+    if weights != "dense":
         if config.optimizer != "dessilbi":
             raise ValueError(f"{root}: a {config.optimizer} run has no sparse network W̃ (only "
                              "DessiLBI runs select groups); load weights='dense'")
-        _keep_support(model, root, epoch)
+        record = _keep_support(model, root, epoch)
+        if weights == "pruned":
+            _prune_unselected(model, record, epoch, config)
     return LoadedRun(root, config, model.eval(), architecture, epoch, weights, optimizer)
 
 
+def _prune_unselected(model: nn.Module, record: PathRecord, epoch: int,
+                      config: TrainConfig) -> None:
+    """Zero the biases and norm affine of the filters unselected at ``epoch`` as well."""
+    from dessilbi.data import DatasetError, dataset_info
+    from dessilbi.subnet import zero_pruned_filters
+
+    keep = {name: record.support(name, epoch) for name in record.names
+            if record.structure(name) == "filter" and any(record.group_shape(name, epoch))}
+    try:
+        info = dataset_info(config.dataset, config.data_dir)
+    except DatasetError as exc:
+        raise ValueError(f"the pruned network needs the input shape of {config.dataset}: "
+                         f"{exc}") from exc
+    example = torch.zeros(1, info.in_channels, *info.image_size)
+    zero_pruned_filters(model, keep, example)
+
+
 @torch.no_grad()
-def _keep_support(model: nn.Module, root: Path, epoch: int) -> None:
+def _keep_support(model: nn.Module, root: Path, epoch: int) -> PathRecord:
     """Zero every coupled weight outside Γ's support at ``epoch`` (read from ``path.pt``)."""
     path_file = root / "path.pt"
     if not path_file.is_file():
@@ -134,6 +160,7 @@ def _keep_support(model: nn.Module, root: Path, epoch: int) -> None:
     for name in record.names:
         if any(record.group_shape(name, epoch)):  # coupled at that epoch
             params[name].mul_(weight_mask(record, name, epoch, params[name].shape))
+    return record
 
 
 def weight_mask(record: PathRecord, name: str, epoch: int, shape: torch.Size) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""Pruned filters zeroed with their biases and norm channels (torch-pruning's dependency graph)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dessilbi.models import build_model
+from dessilbi.subnet import filter_norms, zero_pruned_filters
+
+
+class Branches(nn.Module):
+    """conv_a -> ReLU -> BN (a norm after an activation); conv_b -> cat with conv_a's branch (no
+    norm of its own); conv_c -> BN without affine (nothing to zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_c = nn.Conv2d(10, 5, 1)
+        self.bn_c = nn.BatchNorm2d(5, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn_a(torch.relu(self.conv_a(x)))
+        return self.bn_c(self.conv_c(torch.cat([a, self.conv_b(x)], 1)))
+
+
+def randomise_norms(model: nn.Module) -> None:
+    """Non-trivial batch-norm statistics and affine parameters, as after training."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=gen))
+                    m.bias.copy_(torch.randn(m.num_features, generator=gen))
+
+
+def norm_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out))
+             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def test_the_norm_of_each_layer_is_found_through_activations_not_through_joins() -> None:
+    model = Branches()
+    assert filter_norms(model, torch.zeros(1, 3, 8, 8)) == {"conv_a.weight": "bn_a"}
+    resnet = build_model("resnet20", num_classes=10)
+    norms = filter_norms(resnet, torch.zeros(1, 3, 32, 32))
+    assert norms["conv1.weight"] == "bn1"
+    assert norms["layer1.0.conv2.weight"] == "layer1.0.bn2"  # feeds a residual addition
+    assert norms["layer2.0.shortcut.0.weight"] == "layer2.0.shortcut.1"
+    assert len(norms) == 21 and "fc.weight" not in norms
+
+
+def test_a_pruned_channel_is_exactly_zero_after_its_norm_in_resnet20() -> None:
+    """Random 50 % masks on every conv of ResNet-20: the pruned filters, their norm's weight
+    and bias are zero, so (in eval mode, whatever the running statistics) the norm's output is
+    exactly zero on the pruned channels; kept channels and the BN statistics are untouched."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10).eval()
+    randomise_norms(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    convs = {n: p for n, p in model.named_parameters() if p.dim() == 4}
+    keep = {n: torch.rand(p.shape[0], generator=gen) < 0.5 for n, p in convs.items()}
+    zero_pruned_filters(model, keep, torch.zeros(1, 3, 32, 32))
+    norms = filter_norms(model, torch.zeros(1, 3, 32, 32))
+    state = model.state_dict()
+    for name, kept in keep.items():
+        assert torch.equal(state[name][~kept], torch.zeros_like(state[name][~kept])), name
+        assert torch.equal(state[name][kept], before[name][kept]), name
+        bn = norms[name]
+        for key in ("weight", "bias"):
+            assert not bool(state[f"{bn}.{key}"][~kept].any()), (bn, key)
+            assert torch.equal(state[f"{bn}.{key}"][kept], before[f"{bn}.{key}"][kept])
+        assert torch.equal(state[f"{bn}.running_mean"], before[f"{bn}.running_mean"])
+    outputs = norm_outputs(model, torch.randn(4, 3, 32, 32, generator=gen))
+    for name, kept in keep.items():
+        out = outputs[norms[name]]
+        assert not bool(out[:, ~kept].any()), name
+        assert bool(out[:, kept].abs().sum() > 0), name
+
+
+def test_biases_without_a_norm_are_zeroed_and_bad_masks_change_nothing() -> None:
+    model = Branches().eval()
+    randomise_norms(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"conv_b.weight: mask of shape \(3,\), expected \[4\]"):
+        zero_pruned_filters(model, {"conv_a.weight": torch.ones(6, dtype=torch.bool),
+                                    "conv_b.weight": torch.ones(3, dtype=torch.bool)}, x)
+    with pytest.raises(KeyError, match="conv_z.weight"):
+        zero_pruned_filters(model, {"conv_z.weight": torch.ones(6, dtype=torch.bool)}, x)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    keep_b = torch.tensor([True, False, True, False])
+    keep_c = torch.tensor([True, True, False, True, False])
+    zero_pruned_filters(model, {"conv_b.weight": keep_b, "conv_c.weight": keep_c}, x)
+    assert not bool(model.conv_b.bias[~keep_b].any()) and not bool(model.conv_c.bias[~keep_c].any())
+    assert torch.equal(model.conv_b.bias[keep_b], before["conv_b.bias"][keep_b])
+    assert torch.equal(model.bn_a.weight, before["bn_a.weight"])  # conv_a kept whole
+    out = model.conv_c(torch.randn(2, 10, 8, 8))
+    assert not bool(out[:, ~keep_c].any())
