@@ -82,6 +82,13 @@ class TrainConfig:
         "convolutions than for linear layers"
     )
     linear_lam: float | None = _opt(None, "λ of linear weights (default: lam)")
+    selection_start: int | None = _opt(
+        None, "instead of λ: the epoch during which every coupled layer's first groups enter; "
+        "λ is then set per layer after the calibration epochs (dessilbi.selection)"
+    )
+    selection_calibration: int = _opt(
+        1, "epochs measured, with nothing selectable, before selection_start sets λ"
+    )
     momentum: float = _opt(0.9, "momentum")
     dampening: float = _opt(0.0, "momentum dampening")
     nesterov: bool = _opt(False, "Nesterov momentum")
@@ -191,6 +198,10 @@ class TrainConfig:
             ("norm_weight_decay", self.norm_weight_decay >= 0, ">= 0"),
             ("nesterov", not self.nesterov or (self.momentum > 0 and self.dampening == 0),
              "Nesterov momentum needs momentum > 0 and dampening 0"),
+            ("selection_calibration", self.selection_calibration >= 1, "at least 1"),
+            ("selection_start", self.selection_start is None
+             or self.selection_start > self.selection_calibration,
+             f"an epoch after the {self.selection_calibration} calibration epoch(s), or null"),
             ("threads", self.threads is None or self.threads >= 1,
              "at least 1, or null for torch's default"),
         ]
@@ -239,7 +250,8 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """6 hex digits of a hash of every key that defines the run's numbers."""
-        values = {k: v for k, v in self.to_dict().items() if k not in _RUN_LOCATION_KEYS}
+        values = {k: v for k, v in self.to_dict().items() if k not in _RUN_LOCATION_KEYS
+                  and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
         blob = json.dumps(values, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:6]
 
@@ -256,6 +268,11 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _RUN_LOCATION_KEYS = frozenset(
     {"data_dir", "download", "device", "workers", "out", "run_name", "eval_batch_size"}
 )
+
+
+#: Keys added after the first release, left out of the hash at their defaults, so that the run
+#: directories of earlier configs keep their names (and the same command resumes them).
+_LATER_KEYS: dict[str, Any] = {"selection_start": None, "selection_calibration": 1}
 
 
 def _coerce(key: str, value: Any) -> Any:

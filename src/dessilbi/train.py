@@ -74,6 +74,7 @@ from dessilbi.run_files import (
 )
 from dessilbi.run_state import Architecture, ModelFactory, OptimizerFactory, TrainingRun
 from dessilbi.schedule import lr_multiplier
+from dessilbi.selection import StartEpochThresholds, split_coupled_groups
 from dessilbi.structure import structured_param_groups
 
 __all__ = [
@@ -124,13 +125,22 @@ def _layer_type_options(
         group["group_scaling"] = config.group_scaling if scaling is None else scaling
 
 
+def _config_callbacks(config: TrainConfig) -> list[Callback]:
+    """The callbacks the config asks for (``selection_start``: per-layer λ calibration)."""
+    if config.optimizer == "dessilbi" and config.selection_start is not None:
+        return [StartEpochThresholds(config.selection_start, config.selection_calibration)]
+    return []
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     """The optimizer of ``config`` for ``model`` (DessiLBI, SGD or Adam).
 
     DessiLBI's param groups come from :func:`dessilbi.structured_param_groups` (structure by
     module type), with λ and the group scaling set per layer type (``conv_lam``,
     ``linear_lam``, ``conv_group_scaling``, ``linear_group_scaling``; each defaults to the
-    global ``lam`` / ``group_scaling``). The baselines get the same decay / no-decay split.
+    global ``lam`` / ``group_scaling``); with ``selection_start`` one group per coupled tensor,
+    whose λ :class:`~dessilbi.selection.StartEpochThresholds` sets after the calibration. The
+    baselines get the same decay / no-decay split.
     """
     coupled = config.optimizer == "dessilbi"
     groups = structured_param_groups(
@@ -143,6 +153,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     )
     if coupled:
         _layer_type_options(config, model, groups)
+        if config.selection_start is not None:
+            groups = split_coupled_groups(groups)
         return DessiLBI(groups, lr=config.lr, kappa=config.kappa, nu=config.nu,
                         momentum=config.momentum, dampening=config.dampening,
                         nesterov=config.nesterov)
@@ -551,7 +563,8 @@ def train(
         loop = _build_loop(
             config, files, data, dist_info, device,
             _initial_model(model, architecture, None if ckpt else init_weights), architecture,
-            optimizer_factory or build_optimizer, list(callbacks), mask_provider, quiet,
+            optimizer_factory or build_optimizer, [*_config_callbacks(config), *callbacks],
+            mask_provider, quiet,
             log_every,
         )
         if ckpt is not None:

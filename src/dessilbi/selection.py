@@ -1,0 +1,150 @@
+"""Choosing λ per layer from the epoch at which selection is to start (``selection_start``).
+
+While no group of a layer is selected, Γ = 0 and DessiLBI's V grows by ``(lr/ν)·W_g`` per step,
+whatever λ is: ``‖V_g(t)‖ = ‖Σ_s (lr_s/ν) W_g(s)‖``, and group ``g`` enters when that exceeds
+λ_g. Instead of a raw λ the user states the epoch ``E`` (counted from 1) during which every
+coupled layer's first groups are to enter. The run is calibrated over its first ``c`` epochs
+(``selection_calibration``) with λ = :data:`CALIBRATING_LAM` (nothing can enter); then each
+group's growth of ‖V_g‖ over the last calibration epoch is extrapolated linearly, and each layer
+gets the λ at which its fastest group would cross in the middle of epoch ``E``:
+
+    λ_l = max_g ( ‖V_g(c)‖ + (E − ½ − c) · (‖V_g(c)‖ − ‖V_g(c − 1)‖) ),
+
+‖V_g(e)‖ taken at the end of epoch ``e`` (``V(0) = 0``). Groups whose W the loss keeps at its
+size enter near ``E``; groups that the coupling's pull shrinks (by ``κ·lr/ν`` per step) enter
+later or never: the order after the start is the data's.
+
+λ_l is never below the largest ‖V_g‖ seen in any step of the calibration, so no group would
+have entered during it under λ_l: the run is exactly DessiLBI with these per-layer λ from step 0
+(a test checks this bitwise). Only hyperparameters are chosen, one per param group (a coupled
+layer each), and they are kept in the optimizer's param groups (so in every checkpoint), in this
+callback's state and in ``metrics.jsonl`` (``selection_lam`` at the calibration epoch).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dessilbi.callbacks import Callback
+from dessilbi.optim.proximal import group_norms
+
+if TYPE_CHECKING:
+    from dessilbi.run_state import TrainingRun
+
+__all__ = ["CALIBRATING_LAM", "StartEpochThresholds", "split_coupled_groups", "start_thresholds"]
+
+#: λ of every coupled layer during the calibration: larger than any ‖V_g‖ can get.
+CALIBRATING_LAM = 1e30
+
+
+def split_coupled_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One param group per coupled tensor (so each gets its own λ), uncoupled groups as given;
+    λ set to :data:`CALIBRATING_LAM` and the group scaling to ``"none"`` (λ_l is compared with
+    ‖V_g‖ directly)."""
+    out = []
+    for group in groups:
+        if group.get("structure") is None:
+            out.append(group)
+            continue
+        names = group.get("param_names", [None] * len(group["params"]))
+        for param, name in zip(group["params"], names, strict=True):
+            single = {**group, "params": [param], "lam": CALIBRATING_LAM, "group_scaling": "none"}
+            if name is not None:
+                single["param_names"] = [name]
+            out.append(single)
+    return out
+
+
+def _v_norms(v: torch.Tensor, structure: str) -> torch.Tensor:
+    """‖V_g‖ per group (per entry for the element structure), float64 on V's device."""
+    return v.abs().reshape(-1).double() if structure == "element" else \
+        group_norms(v, structure).double()
+
+
+def start_thresholds(before: torch.Tensor, after: torch.Tensor, epochs_left: float,
+                     seen_max: float) -> float:
+    """λ of one layer: the largest linearly extrapolated ‖V_g‖ ``epochs_left`` epochs after
+    ``after`` (the norms one epoch after ``before``), and at least ``seen_max`` (the largest
+    norm of the calibration) so that nothing would have entered before."""
+    predicted = after + epochs_left * (after - before)
+    return max(float(predicted.max()), seen_max * (1 + 1e-9))
+
+
+class StartEpochThresholds(Callback):
+    """Calibrate per-layer λ so that every coupled layer starts selecting at epoch ``start``.
+
+    Args:
+        start: the epoch ``E`` during which each layer's first groups enter, by the linear
+            extrapolation of the module docstring.
+        calibration: epochs ``c < E`` (at least 1) measured with nothing selectable.
+    """
+
+    def __init__(self, start: int, calibration: int = 1) -> None:
+        if calibration < 1 or start <= calibration:
+            raise ValueError(f"selection_start {start} must come after the {calibration} "
+                             "calibration epoch(s)")
+        self.start, self.calibration = int(start), int(calibration)
+        self.lams: dict[str, float] = {}
+        self._before: dict[str, torch.Tensor] = {}
+        self._seen_max: dict[str, torch.Tensor] = {}  # 0-d, on V's device: no sync a step
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.lams)
+
+    def _coupled(self, run: TrainingRun) -> list[tuple[str, dict[str, Any], nn.Parameter]]:
+        out = []
+        for group in run.optimizer.param_groups:
+            if group.get("structure") is None:
+                continue
+            if len(group["params"]) != 1:
+                raise ValueError("selection_start needs one param group per coupled tensor "
+                                 "(dessilbi.selection.split_coupled_groups)")
+            out.append((group["param_names"][0], group, group["params"][0]))
+        return out
+
+    def _norms(self, run: TrainingRun) -> dict[str, torch.Tensor]:
+        state = run.optimizer.state
+        return {name: _v_norms(state[p]["v"], group["structure"])
+                for name, group, p in self._coupled(run) if "v" in state.get(p, {})}
+
+    def on_step_end(self, run: TrainingRun) -> None:
+        if self.calibrated:
+            return
+        for name, norms in self._norms(run).items():  # one reduction per layer, calibration only
+            peak = norms.max()
+            seen = self._seen_max.get(name)
+            self._seen_max[name] = peak if seen is None else torch.maximum(seen, peak)
+
+    def on_epoch_end(self, run: TrainingRun) -> dict[str, Any] | None:
+        if self.calibrated:
+            return None
+        norms = self._norms(run)
+        if run.epoch == self.calibration - 1:
+            self._before = {n: t.cpu() for n, t in norms.items()}
+        if run.epoch < self.calibration:
+            return None
+        left = self.start - 0.5 - self.calibration
+        for name, group, _ in self._coupled(run):
+            after = norms[name].cpu()
+            before = self._before.get(name, torch.zeros_like(after))
+            seen = self._seen_max.get(name)
+            group["lam"] = self.lams[name] = start_thresholds(
+                before, after, left, 0.0 if seen is None else float(seen))
+        return {"selection_lam": dict(self.lams)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "calibration": self.calibration, "lams": dict(self.lams),
+                "before": dict(self._before),
+                "seen_max": {n: t.cpu() for n, t in self._seen_max.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["start"], state["calibration"]) != (self.start, self.calibration):
+            raise ValueError(f"{self.name}: the run was calibrated for selection_start "
+                             f"{state['start']} over {state['calibration']} epoch(s)")
+        self.lams = dict(state["lams"])
+        self._before = dict(state["before"])
+        self._seen_max = dict(state["seen_max"])
