@@ -355,9 +355,13 @@ def _cli_output(*argv: str) -> str:
 def help_examples(text: str) -> list[Example]:
     """The example lines of ``dessilbi --help`` (its description)."""
     found = []
-    for k, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    for k, line in enumerate(lines, start=1):
         if "dessilbi train" in line:
-            example = _example(f"dessilbi --help:{k}", line)
+            end = k
+            while lines[end - 1].rstrip().endswith("\\") and end < len(lines):
+                end += 1  # a command continued on the next line
+            example = _example(f"dessilbi --help:{k}", "\n".join(lines[k - 1 : end]))
             if example is not None:
                 found.append(example)
     return found

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from dessilbi.config import load_config
 from dessilbi.models import build_model
-from dessilbi.subnet import filter_norms, zero_pruned_filters
+from dessilbi.path_record import load_path
+from dessilbi.subnet import (
+    MaskFileError,
+    filter_norms,
+    l1_mask,
+    load_mask,
+    ordered_mask,
+    random_mask,
+    support_mask,
+    zero_pruned_filters,
+)
+from dessilbi.train import train
 
 
 class Branches(nn.Module):
@@ -110,3 +124,63 @@ def test_biases_without_a_norm_are_zeroed_and_bad_masks_change_nothing() -> None
     assert torch.equal(model.bn_a.weight, before["bn_a.weight"])  # conv_a kept whole
     out = model.conv_c(torch.randn(2, 10, 8, 8))
     assert not bool(out[:, ~keep_c].any())
+
+
+# ------------------------------------------------------------------------------------- masks
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    return train(load_config("digits", {"epochs": 4, "nu": 5, "out": str(out)}),
+                 quiet=True).run_dir
+
+
+def test_support_and_path_order_masks(digits_run: Path) -> None:
+    record = load_path(digits_run / "path.pt")
+    support = support_mask(record, epoch=3)
+    assert set(support.keep) == {"conv1.weight", "conv2.weight", "conv3.weight"}
+    for name, kept in support.keep.items():
+        assert torch.equal(kept, record.support(name, 3))
+    assert support.source["epoch"] == 3 and 0 < support.kept < support.total
+
+    ordered = ordered_mask(record, keep=0.5)
+    step = record.steps[-1]
+    norms = record.group_norms("conv3.weight")[-1]
+    entry = record.entry_step("conv3.weight").double()
+    entry[entry < 0] = float("inf")
+    kept = ordered.keep["conv3.weight"]
+    assert int(kept.sum()) == 32 and bool((entry[kept] <= step).any())
+    # Every kept group comes before every dropped one: earlier entry, or as early and larger.
+    for i in kept.nonzero().view(-1).tolist():
+        for j in (~kept).nonzero().view(-1).tolist():
+            assert (entry[i], -norms[i]) <= (entry[j], -norms[j]), (i, j)
+    per_layer = ordered_mask(record, keep={"conv1.weight": 0.25})
+    assert per_layer.counts()["conv1.weight"] == 4 and per_layer.counts()["conv2.weight"] == 32
+    with pytest.raises(ValueError, match=r"keep ratio of conv1.weight: 1.5"):
+        ordered_mask(record, keep={"conv1.weight": 1.5})
+
+
+def test_baseline_masks_and_the_mask_file(digits_run: Path, tmp_path: Path) -> None:
+    weights = torch.load(digits_run / "model.pt", weights_only=True)
+    counts = {"conv1.weight": 5, "conv3.weight": 20}
+    l1 = l1_mask(weights, counts)
+    assert l1.counts() == counts
+    norms = weights["conv3.weight"].abs().flatten(1).sum(1)
+    kept = l1.keep["conv3.weight"]
+    assert float(norms[kept].min()) >= float(norms[~kept].max())
+    sizes = {"conv1.weight": 16, "conv3.weight": 64}
+    first, again, other = (random_mask(sizes, counts, seed) for seed in (0, 0, 1))
+    assert first.counts() == counts
+    assert all(torch.equal(first.keep[n], again.keep[n]) for n in counts)
+    assert not torch.equal(first.keep["conv3.weight"], other.keep["conv3.weight"])
+
+    file = l1.save(tmp_path / "mask.json")
+    back = load_mask(file)
+    assert back.source == l1.source and back.counts() == counts
+    assert all(torch.equal(back.keep[n], l1.keep[n]) for n in counts)
+    file.write_text("{not json")
+    with pytest.raises(MaskFileError, match=r"mask.json: cannot be read as a mask"):
+        load_mask(file)
+    with pytest.raises(MaskFileError, match="no mask file there"):
+        load_mask(tmp_path / "missing.json")

@@ -23,8 +23,8 @@ Examples:
   dessilbi train --config mnist_lenet5 --data-dir ../shared/data
   dessilbi train --config cifar10_resnet20 --data-dir ../shared/data/cifar10-jpeg --epochs 20
   dessilbi train --resume runs/mnist-lenet5-dessilbi-nu20-seed0-<hash>
-  torchrun --nproc_per_node=2 -m dessilbi train --config cifar10_resnet56 --dataset \
-      cifar10_jpeg --data-dir ../shared/data/cifar10-jpeg
+  torchrun --nproc_per_node=2 -m dessilbi train --config cifar10_resnet56 \\
+      --dataset cifar10_jpeg --data-dir ../shared/data/cifar10-jpeg
 """
 
 

@@ -1,0 +1,214 @@
+"""The read-outs of ``cifar_selective.py compare``: pruned networks of three masks with the same
+per-layer counts at the epochs where Γ holds about 70 % and 50 % of the conv filters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _runs import fmt, read_history
+from dessilbi.batches import evaluate, input_normalization, load_run_data
+from dessilbi.config import TrainConfig
+from dessilbi.data import dataset_info
+from dessilbi.distributed import DistInfo
+from dessilbi.numerics import autocast_factory, input_preparer
+from dessilbi.path_record import PathRecord, load_path
+from dessilbi.runs import load_run
+from dessilbi.subnet import zero_pruned_filters
+
+TARGETS = (0.7, 0.5)
+RANDOM_SEEDS = (0, 1, 2)
+Masks = dict[str, torch.Tensor]
+
+
+def selected_fraction(record: PathRecord, epoch: int) -> float:
+    kept = sum(int(record.support(n, epoch).sum()) for n in record.names)
+    return kept / sum(record.group_shape(n)[0] for n in record.names)
+
+
+def target_epochs(record: PathRecord, available: set[int]) -> dict[float, int]:
+    """For each target fraction, the recorded epoch (with saved weights) closest to it."""
+    epochs = [e for e in record.epochs if e in available]
+    return {t: min(epochs, key=lambda e: abs(selected_fraction(record, e) - t)) for t in TARGETS}
+
+
+def l1_masks(weights: dict[str, torch.Tensor], counts: dict[str, int]) -> Masks:
+    """The ``counts[layer]`` filters of largest L1 norm of each layer."""
+    out = {}
+    for name, k in counts.items():
+        norms = weights[name].float().abs().flatten(1).sum(1)
+        keep = torch.zeros(norms.numel(), dtype=torch.bool)
+        keep[norms.argsort(descending=True)[:k]] = True
+        out[name] = keep
+    return out
+
+
+def random_masks(counts: dict[str, int], sizes: dict[str, int], seed: int) -> Masks:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, k in counts.items():
+        keep = torch.zeros(sizes[name], dtype=torch.bool)
+        keep[torch.randperm(sizes[name], generator=gen)[:k]] = True
+        out[name] = keep
+    return out
+
+
+RECALIBRATION_IMAGES = 2048
+
+
+@torch.no_grad()
+def recalibrate_norms(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Re-estimate the batch-norm statistics of ``model`` on ``images`` (no weight changes)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    model.train()
+    for batch in images.split(256):
+        model(batch)
+    model.eval()
+
+
+Evaluator = Callable[[dict[str, torch.Tensor], Masks | None, bool], float]
+
+
+def _evaluator(run_dir: Path) -> Evaluator:
+    """Test accuracy of the run's network with given weights, pruned by a mask, optionally
+    with its batch-norm statistics re-estimated on training images first."""
+    loaded = load_run(run_dir)
+    config = loaded.config
+    info = dataset_info(config.dataset, config.data_dir)
+    train_set, test_set = load_run_data(config, DistInfo())
+    device = torch.device("cpu")
+    prepare = input_preparer(input_normalization(config, info), config.channels_last)
+    autocast = autocast_factory(config.precision, device)
+    example = torch.zeros(1, info.in_channels, *info.image_size)
+    # A seeded sample: the JPEG copy is stored class by class.
+    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+    images = prepare(train_set.images[pick[:RECALIBRATION_IMAGES]])  # type: ignore[union-attr]
+
+    def accuracy(weights: dict[str, torch.Tensor], masks: Masks | None,
+                 recalibrate: bool = False) -> float:
+        model = loaded.architecture.build()
+        model.load_state_dict(weights)
+        if masks is not None:
+            zero_pruned_filters(model, masks, example)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if recalibrate:
+            with autocast():
+                recalibrate_norms(model, images)
+        return evaluate(model, test_set, prepare, autocast, config, DistInfo(), device)
+
+    return accuracy
+
+
+def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: Evaluator,
+                      recalibrate: bool) -> dict[str, Any]:
+    weights = torch.load(run_dir / "weights" / f"epoch_{epoch:03d}.pt", map_location="cpu",
+                         weights_only=True)
+    support = {n: record.support(n, epoch) for n in record.names}
+    counts = {n: int(s.sum()) for n, s in support.items()}
+    sizes = {n: s.numel() for n, s in support.items()}
+    randoms = [accuracy(weights, random_masks(counts, sizes, seed), recalibrate)
+               for seed in RANDOM_SEEDS]
+    return {
+        "epoch": epoch,
+        "recalibrated": recalibrate,
+        "selected": [sum(counts.values()), sum(sizes.values())],
+        "dense": accuracy(weights, None, recalibrate),
+        "dessilbi": accuracy(weights, support, recalibrate),
+        "l1": accuracy(weights, l1_masks(weights, counts), recalibrate),
+        "random": statistics.mean(randoms),
+        "random_each": randoms,
+        "per_layer": counts,
+    }
+
+
+def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namespace],
+                                                             TrainConfig]) -> None:
+    runs = {name: Path(run_config(name, args).out) / run_config(name, args).run_directory_name()
+            for name in ("dessilbi", "sgd")}
+    record = load_path(runs["dessilbi"] / "path.pt")
+    available = {int(p.stem.split("_")[1]) for p in (runs["dessilbi"] / "weights").glob("*.pt")}
+    accuracy = _evaluator(runs["dessilbi"])
+    epochs = sorted(set(target_epochs(record, available).values()))
+    results = [pruned_accuracies(runs["dessilbi"], record, epoch, accuracy, recalibrate)
+               for recalibrate in (False, True) for epoch in epochs]
+    hists = {name: read_history(path) for name, path in runs.items()}
+    text = write_markdown(args, record, hists, results)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "pruned": results,
+         "runs": hists}, indent=1))
+    print(text)
+
+
+def write_markdown(args: argparse.Namespace, record: PathRecord,
+                   hists: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]]) -> str:
+    lbi, sgd = hists["dessilbi"], hists["sgd"]
+    lines = [
+        "# A selective path on CIFAR-10: ResNet-20, `cifar10_resnet20_selective`",
+        "",
+        f"{len(lbi)} epochs (DessiLBI) and {len(sgd)} (SGD) of {args.epochs}, cosine lr 0.1, "
+        "batch 64, Nesterov 0.9, wd 1e-4, crop + flip, CIFAR-10 JPEG copy, bf16 autocast + "
+        f"channels-last on CPU ({args.threads} thread(s), torch {torch.__version__}, "
+        f"{platform.machine()}). DessiLBI: ν 100, κ 1, filter groups on every conv, classifier "
+        "uncoupled, `selection_start: 4` (λ per layer calibrated over epoch 1). SGD: the same "
+        "config with `optimizer: sgd`.",
+        "",
+        "Produced by `.venv/bin/python benchmarks/cifar_selective.py train --only dessilbi`, "
+        "`... train --only sgd` and `... compare`.",
+        "",
+        "| run | dense W (%) | sparse W̃ (%) | selected conv filters |",
+        "|---|---|---|---|",
+        f"| SGD | {fmt(sgd[-1]['test_acc'])} | – | – |",
+        f"| DessiLBI | {fmt(lbi[-1]['test_acc'])} | {fmt(lbi[-1]['test_acc_sparse'])} | "
+        f"{_selected(lbi[-1])} |",
+        "",
+        "## Pruned networks, no fine-tuning",
+        "",
+        "At the epochs where Γ's support holds about 70 % and 50 % of the conv filters: test "
+        "accuracy (%) of the network of that epoch's weights with the unselected filters, their "
+        "biases and batch-norm affine zeroed, for DessiLBI's support and for masks of the same "
+        "per-layer counts: the largest-L1-norm filters of the same weights, and random filters "
+        f"(mean of seeds {', '.join(map(str, RANDOM_SEEDS))}).",
+        "",
+        "The second half of the table re-estimates the batch-norm statistics of each network on "
+        f"{RECALIBRATION_IMAGES} training images first (no weight changes).",
+        "",
+        "| epoch | BN statistics | filters kept | dense W | DessiLBI support | L1 norm | random |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        kept, total = r["selected"]
+        stats = "re-estimated" if r["recalibrated"] else "as trained"
+        lines.append(f"| {r['epoch']} | {stats} | {kept} / {total} ({100 * kept / total:.0f} %) | "
+                     f"{fmt(r['dense'])} | {fmt(r['dessilbi'])} | {fmt(r['l1'])} | "
+                     f"{fmt(r['random'])} ({', '.join(fmt(x) for x in r['random_each'])}) |")
+    lines += ["", "## Per epoch", "",
+              "Test accuracy (%) of SGD and of DessiLBI's W and W̃, and the selected filters "
+              "per layer (columns: the coupled convolutions in order).", "",
+              "| epoch | SGD | W | W̃ | selected | " + " | ".join(
+                  n.removesuffix(".weight") for n in record.names) + " |",
+              "|---|---|---|---|---|" + "---|" * len(record.names)]
+    for i, m in enumerate(lbi):
+        epoch = m["epoch"]
+        cells = [f"{int(record.support(n, epoch).sum())}" for n in record.names] \
+            if epoch in record.epochs else ["–"] * len(record.names)
+        sgd_acc = fmt(sgd[i]["test_acc"]) if i < len(sgd) else "–"
+        lines.append(f"| {epoch} | {sgd_acc} | {fmt(m['test_acc'])} | "
+                     f"{fmt(m['test_acc_sparse'])} | {_selected(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _selected(metrics: dict[str, Any]) -> str:
+    pairs = list(metrics["selected"].values())
+    return f"{sum(p[0] for p in pairs)} / {sum(p[1] for p in pairs)}"

@@ -1,0 +1,175 @@
+"""Filter masks: which groups of each coupled layer a subnetwork keeps, and where that came from.
+
+A :class:`FilterMask` holds, per coupled layer (by weight name), a bool tensor over its groups
+(filters for the ``"filter"`` structure) and a ``source`` saying how it was chosen. Masks come
+
+- from the path of a DessiLBI run: :func:`support_mask` (supp Γ at the last or any recorded
+  epoch) and :func:`ordered_mask` (a keep ratio per layer or overall, filled in the paper's
+  order: entry step ascending, then ‖W_g‖ descending, never-selected groups last);
+- from any trained weights, as baselines with the same per-layer counts: :func:`l1_mask`
+  (largest L1 norm) and :func:`random_mask` (seeded).
+
+A mask is saved as a small JSON file (:meth:`FilterMask.save`, :func:`load_mask`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dessilbi.path_record import PathRecord
+
+__all__ = [
+    "MASK_FORMAT",
+    "FilterMask",
+    "MaskFileError",
+    "l1_mask",
+    "load_mask",
+    "ordered_mask",
+    "random_mask",
+    "support_mask",
+]
+
+MASK_FORMAT = "dessilbi.mask"
+_MASK_VERSION = 1
+
+
+class MaskFileError(ValueError):
+    """A mask file that is missing, damaged or of another format; the message names it."""
+
+
+@dataclass
+class FilterMask:
+    """Kept groups per coupled layer (True: kept), with where the mask came from."""
+
+    keep: dict[str, torch.Tensor]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Kept groups per layer."""
+        return {name: int(kept.sum()) for name, kept in self.keep.items()}
+
+    @property
+    def kept(self) -> int:
+        return sum(self.counts().values())
+
+    @property
+    def total(self) -> int:
+        return sum(kept.numel() for kept in self.keep.values())
+
+    def save(self, file: str | os.PathLike[str]) -> Path:
+        """Write the mask as JSON (kept indices per layer) and return the file."""
+        path = Path(file)
+        layers = {name: {"groups": kept.numel(), "kept": kept.nonzero().view(-1).tolist()}
+                  for name, kept in self.keep.items()}
+        text = json.dumps({"format": MASK_FORMAT, "version": _MASK_VERSION,
+                           "source": self.source, "layers": layers}, indent=1)
+        from dessilbi.run_files import atomic_write_text
+
+        atomic_write_text(text + "\n", path)
+        return path
+
+
+def load_mask(file: str | os.PathLike[str]) -> FilterMask:
+    """Read a mask written by :meth:`FilterMask.save` (``MaskFileError`` naming the file)."""
+    path = Path(file)
+    if not path.is_file():
+        raise MaskFileError(f"{path}: no mask file there")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != MASK_FORMAT or data.get("version") != _MASK_VERSION:
+            raise ValueError(f"not a {MASK_FORMAT} version {_MASK_VERSION} file")
+        keep = {}
+        for name, layer in data["layers"].items():
+            kept = torch.zeros(int(layer["groups"]), dtype=torch.bool)
+            kept[torch.tensor(layer["kept"], dtype=torch.long)] = True
+            keep[name] = kept
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise MaskFileError(f"{path}: cannot be read as a mask ({exc})") from exc
+    return FilterMask(keep, dict(data.get("source", {})))
+
+
+def _filter_layers(record: PathRecord, epoch: int) -> list[str]:
+    """The group-structured layers coupled at ``epoch`` (element layers have no filters)."""
+    return [n for n in record.names
+            if record.structure(n) != "element" and any(record.group_shape(n, epoch))]
+
+
+def _epoch(record: PathRecord, epoch: int | None) -> int:
+    if not record.epochs:
+        raise ValueError(f"{record.source}: no epoch recorded yet")
+    return record.epochs[-1] if epoch is None else epoch
+
+
+def support_mask(record: PathRecord, epoch: int | None = None) -> FilterMask:
+    """supp(Γ) of every filter-coupled layer at ``epoch`` (default: the last recorded)."""
+    at = _epoch(record, epoch)
+    keep = {n: record.support(n, at) for n in _filter_layers(record, at)}
+    return FilterMask(keep, {"method": "support", "epoch": at, "path": record.source})
+
+
+def path_order(record: PathRecord, name: str, epoch: int) -> torch.Tensor:
+    """Group indices of layer ``name`` in the paper's order: entry step ascending (groups
+    entered after ``epoch`` or never come last), ties by ‖W_g‖ at ``epoch`` descending."""
+    index = record.epochs.index(epoch)
+    step = record.steps[index]
+    groups = record.group_shape(name, epoch)[0]
+    entry = record.entry_step(name)[:groups].double()
+    entry[(entry < 0) | (entry > step)] = math.inf
+    norms = record.group_norms(name)[index, :groups].double().nan_to_num(0.0)
+    # Sort by norm first, then stably by entry: entry ascending, norm descending among ties.
+    by_norm = norms.argsort(descending=True, stable=True)
+    return by_norm[entry[by_norm].argsort(stable=True)]
+
+
+def ordered_mask(record: PathRecord, keep: float | Mapping[str, float],
+                 epoch: int | None = None) -> FilterMask:
+    """The first groups in the paper's order (:func:`path_order`) at ``epoch``.
+
+    ``keep`` is a ratio in (0, 1] for every layer, or a ratio per layer name (layers not named
+    keep everything); each layer keeps ``ceil(ratio · groups)`` groups, at least one.
+    """
+    at = _epoch(record, epoch)
+    out = {}
+    for name in _filter_layers(record, at):
+        ratio = keep.get(name, 1.0) if isinstance(keep, Mapping) else keep
+        if not 0 < ratio <= 1:
+            raise ValueError(f"keep ratio of {name}: {ratio!r} (expected a ratio in (0, 1])")
+        order = path_order(record, name, at)
+        kept = torch.zeros(order.numel(), dtype=torch.bool)
+        kept[order[: max(1, math.ceil(ratio * order.numel()))]] = True
+        out[name] = kept
+    ratios = dict(keep) if isinstance(keep, Mapping) else keep
+    return FilterMask(out, {"method": "path_order", "epoch": at, "keep": ratios,
+                            "path": record.source})
+
+
+def l1_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+            source: str = "weights") -> FilterMask:
+    """Per layer, the ``counts[layer]`` filters of largest L1 norm in ``weights`` (the
+    baseline of Li et al., "Pruning filters for efficient ConvNets")."""
+    keep = {}
+    for name, count in counts.items():
+        norms = weights[name].detach().float().abs().flatten(1).sum(1).cpu()
+        kept = torch.zeros(norms.numel(), dtype=torch.bool)
+        kept[norms.argsort(descending=True, stable=True)[:count]] = True
+        keep[name] = kept
+    return FilterMask(keep, {"method": "l1", "counts": dict(counts), "weights": source})
+
+
+def random_mask(sizes: Mapping[str, int], counts: Mapping[str, int], seed: int) -> FilterMask:
+    """Per layer, ``counts[layer]`` of its ``sizes[layer]`` filters drawn at random (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for name, count in counts.items():
+        kept = torch.zeros(sizes[name], dtype=torch.bool)
+        kept[torch.randperm(sizes[name], generator=gen)[:count]] = True
+        keep[name] = kept
+    return FilterMask(keep, {"method": "random", "counts": dict(counts), "seed": seed})
