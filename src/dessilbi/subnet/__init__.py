@@ -5,10 +5,13 @@
 - :func:`zero_pruned_filters`: zero pruned filters with their biases and the affine parameters
   of their normalisation channels (the "pruned network" of ``load_run(weights="pruned")``).
 - :func:`filter_norms`: which norm layer normalises each layer's output channels.
+- :func:`compact`: the network with the pruned filters removed physically, and its optimizer
+  state sliced to match.
 
 The dependency graph comes from torch-pruning (``pip install 'dessilbi[subnet]'``).
 """
 
+from dessilbi.subnet.compact import CompactResult, compact
 from dessilbi.subnet.dependency import filter_norms, zero_pruned_filters
 from dessilbi.subnet.masks import (
     FilterMask,
@@ -22,8 +25,10 @@ from dessilbi.subnet.masks import (
 )
 
 __all__ = [
+    "CompactResult",
     "FilterMask",
     "MaskFileError",
+    "compact",
     "filter_norms",
     "l1_mask",
     "load_mask",

@@ -4,9 +4,10 @@ A filter of a convolution (an output unit of a linear layer) is removed with its
 with the affine parameters of the normalisation layer that normalises its output channel: a
 channel whose filter, bias and norm weight and bias are zero is exactly zero after the norm, so
 the network computes what the network without that channel computes (where the channel is not
-added to other layers' channels by a residual connection). The norm is found by following the
-graph from the layer through operations of one input (activations, pooling), stopping at
-additions and concatenations, whose other inputs would share the channel.
+added to other layers' channels by a residual connection). A depthwise convolution that follows
+carries the channel on (its filter and norm are zeroed too). These followers are found by
+walking the graph from the layer through operations of one input (activations, pooling),
+stopping at additions and concatenations, whose other inputs would share the channel.
 
 Needs torch-pruning (``pip install 'dessilbi[subnet]'``).
 """
@@ -18,9 +19,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["filter_norms", "zero_pruned_filters"]
+__all__ = ["channel_followers", "filter_norms", "zero_pruned_filters"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _torch_pruning():  # type: ignore[no-untyped-def]
@@ -31,48 +33,73 @@ def _torch_pruning():  # type: ignore[no-untyped-def]
     return torch_pruning
 
 
-def filter_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, str]:
-    """For every conv / linear weight (by parameter name) whose output channels are normalised
-    by an affine norm layer directly (through one-input operations), that layer's module name.
-
-    Traces ``model`` once on ``example_inputs`` in eval mode (batch-norm statistics untouched).
-    """
+def _graph(model: nn.Module, example_inputs: torch.Tensor):  # type: ignore[no-untyped-def]
+    """torch-pruning's dependency graph of ``model``, traced in eval mode (batch-norm statistics
+    untouched)."""
     tp = _torch_pruning()
     training = model.training
     model.eval()
     try:
         with torch.enable_grad():  # the graph is read off autograd's
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                          verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                         verbose=False), tp
     finally:
         model.train(training)
-    module_names = {module: name for name, module in model.named_modules()}
+
+
+def channel_followers(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, list[str]]:
+    """For every conv / linear weight (by parameter name), the modules whose output channels
+    are its own: affine norm layers and depthwise convolutions reached through operations of
+    one input (activations, pooling), up to the first addition, concatenation or other layer.
+    """
+    graph, tp = _graph(model, example_inputs)
+    names = {module: name for name, module in model.named_modules()}
     found = {}
     for module, node in graph.module2node.items():
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            continue
-        norm = _norm_after(node, tp.ops.OPTYPE)
-        if norm is not None and module in module_names and norm in module_names:
-            found[f"{module_names[module]}.weight"] = module_names[norm]
+        if isinstance(module, _LAYERS) and module in names:
+            followers = [names[m] for m in _followers(node, tp.ops.OPTYPE) if m in names]
+            if followers:
+                found[f"{names[module]}.weight"] = followers
     return found
 
 
-def _norm_after(node, optype) -> nn.Module | None:  # type: ignore[no-untyped-def]
-    """The affine norm module reached from ``node`` through one-input, one-output operations,
-    if the layer's output goes nowhere else."""
+def filter_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, str]:
+    """For every conv / linear weight whose output channels an affine norm layer normalises
+    directly (through one-input operations), that layer's module name."""
+    modules = dict(model.named_modules())
+    out = {}
+    for weight, followers in channel_followers(model, example_inputs).items():
+        if isinstance(modules[followers[0]], _NORMS):
+            out[weight] = followers[0]
+    return out
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, _LAYERS[:3]) and 1 < module.groups == module.in_channels == \
+        module.out_channels
+
+
+def _followers(node, optype) -> list[nn.Module]:  # type: ignore[no-untyped-def]
+    """The norms and depthwise convs that carry ``node``'s output channels one to one."""
+    found: list[nn.Module] = []
     current = node
-    for _ in range(16):  # activations, dropout, pooling between a layer and its norm
+    for _ in range(32):  # activations, dropout, pooling between the layers
         if len(current.outputs) != 1:
-            return None
+            break
         nxt = current.outputs[0]
         module = nxt.module
+        if len(nxt.inputs) != 1:
+            break  # an addition or concatenation: other layers share the channel
         if isinstance(module, _NORMS):
-            affine = getattr(module, "affine", True)
-            return module if affine and len(nxt.inputs) == 1 else None
-        if nxt.type != optype.ELEMENTWISE or len(nxt.inputs) != 1:
-            return None  # an addition, a concatenation, another layer
+            if not getattr(module, "affine", True):
+                break
+            found.append(module)
+        elif _is_depthwise(module):
+            found.append(module)
+        elif nxt.type != optype.ELEMENTWISE:
+            break  # another layer
         current = nxt
-    return None
+    return found
 
 
 def zero_pruned_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
@@ -97,21 +124,18 @@ def zero_pruned_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
             raise ValueError(f"{name}: mask of shape {tuple(kept.shape)}, expected "
                              f"[{params[name].shape[0]}] (one entry per output channel)")
     modules = dict(model.named_modules())
-    norms = filter_norms(model, example_inputs)
+    followers = channel_followers(model, example_inputs)
     with torch.no_grad():
         for name, kept in keep.items():
-            _zero_filters(params[name], modules, norms.get(name), name, kept)
+            layer = modules[name.rpartition(".")[0]]
+            chain = [layer] + [modules[f] for f in followers.get(name, [])]
+            _zero_channels(chain, ~kept.to(device=params[name].device, dtype=torch.bool))
 
 
-def _zero_filters(weight: nn.Parameter, modules: Mapping[str, nn.Module], norm_name: str | None,
-                  name: str, kept: torch.Tensor) -> None:
-    dropped = ~kept.to(device=weight.device, dtype=torch.bool)
-    weight[dropped] = 0
-    bias = getattr(modules[name.rpartition(".")[0]], "bias", None)
-    if isinstance(bias, torch.Tensor):
-        bias[dropped] = 0
-    norm = modules.get(norm_name) if norm_name else None
-    if norm is not None:
-        for affine in (norm.weight, norm.bias):
-            if isinstance(affine, torch.Tensor):
-                affine[dropped] = 0
+def _zero_channels(chain: list[nn.Module], dropped: torch.Tensor) -> None:
+    """Zero the ``dropped`` output channels of every module in ``chain``: weight and bias of a
+    layer or depthwise conv, the affine weight and bias of a norm."""
+    for module in chain:
+        for tensor in (getattr(module, "weight", None), getattr(module, "bias", None)):
+            if isinstance(tensor, torch.Tensor):
+                tensor[dropped] = 0
