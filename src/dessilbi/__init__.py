@@ -3,7 +3,9 @@
 The public surface: the :class:`DessiLBI` optimizer, :func:`structured_param_groups` to build its
 param groups from any model, read-outs of the sparse structure along the path (live, and from a
 run's ``path.pt`` with :func:`load_path`), masks, and the hooks of the one training loop
-(:class:`Callback`, :class:`FixedMask`; the loop itself is :func:`dessilbi.train.train`).
+(:class:`Callback`, :class:`FixedMask`; the loop itself is :func:`dessilbi.train.train`), and
+subnetworks: filter masks (:mod:`dessilbi.subnet`) and :func:`compact`, the network with its
+pruned filters removed (needs torch-pruning, ``pip install 'dessilbi[subnet]'``).
 """
 
 from dessilbi.callbacks import Callback, FixedMask
@@ -23,6 +25,7 @@ from dessilbi.path_record import PathRecord, PathRecorder, load_path
 from dessilbi.run_state import Architecture, TrainingRun
 from dessilbi.runs import LoadedRun, load_run
 from dessilbi.structure import structured_param_groups
+from dessilbi.subnet import CompactResult, FilterMask, compact, load_mask
 
 __version__ = "0.1.0"
 
@@ -30,8 +33,10 @@ __all__ = [
     "STRUCTURES",
     "Architecture",
     "Callback",
+    "CompactResult",
     "CoupledTensor",
     "DessiLBI",
+    "FilterMask",
     "FixedMask",
     "LoadedRun",
     "NonFiniteGradientError",
@@ -40,10 +45,12 @@ __all__ = [
     "TrainingRun",
     "__version__",
     "apply_masks",
+    "compact",
     "coupled_tensors",
     "flush_denormal",
     "group_norms",
     "group_support",
+    "load_mask",
     "load_path",
     "load_run",
     "masked_weights",

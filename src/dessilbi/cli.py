@@ -114,6 +114,34 @@ def _report_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _prune_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "prune",
+        help="a run's pruned subnetwork: fine-tuned with its mask held fixed, and compacted",
+        description=(
+            "Choose filters from RUN_DIR's path (Gamma's support at the last or a given epoch, "
+            "or the first groups in the path's order up to --keep, or a --mask file), fine-tune "
+            "the pruned network through the training loop with the pruned filters, biases and "
+            "norm channels held at zero (a run directory of its own, resumable), and with "
+            "--compact remove them physically (torch-pruning) into compact/ (model.pt and "
+            "compact.json)."
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    parser.add_argument("--epoch", type=int, help="the path's epoch (default: the last)")
+    parser.add_argument("--keep", type=float, metavar="RATIO",
+                        help="keep this share of every layer's filters, in the path's order")
+    parser.add_argument("--mask", type=Path, metavar="FILE", help="a mask file (mask.json)")
+    parser.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
+                        help="fine-tuning epochs (default: 0, no fine-tuning)")
+    parser.add_argument("--optimizer", help="fine-tuning optimizer (default: the run's)")
+    parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's)")
+    parser.add_argument("--compact", action="store_true",
+                        help="write the compact network (pruned filters removed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
 def _epochs(text: str) -> list[int]:
     try:
         return [int(e) for e in text.split(",") if e.strip()]
@@ -141,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = {"train": _train_parser(sub), "report": _report_parser(sub)}
+    commands = {"train": _train_parser(sub), "report": _report_parser(sub),
+                "prune": _prune_parser(sub)}
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _refuse_unknown(commands.get(args.command, parser), unknown)
@@ -154,7 +183,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"dessilbi: error: {exc}", file=sys.stderr)
             return 1
+    if args.command == "prune":
+        return _prune(args)
     return _train(args)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from dessilbi.data import DatasetError
+    from dessilbi.run_files import CheckpointError, TrainingError, TrainingInterrupted
+    from dessilbi.subnet.masks import MaskFileError
+
+    try:
+        return _prune_run(args)
+    except TrainingInterrupted as exc:
+        print(f"dessilbi: {exc}", file=sys.stderr)
+        return 130
+    except (ConfigError, DatasetError, CheckpointError, TrainingError, MaskFileError,
+            ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"dessilbi: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _prune_run(args: argparse.Namespace) -> int:
+    from dessilbi.runs import load_run
+    from dessilbi.subnet import compact
+    from dessilbi.subnet.prune import choose_mask, example_input, finetune, save_compact
+
+    mask = choose_mask(args.run_dir, epoch=args.epoch, keep=args.keep, mask_file=args.mask)
+    print(f"mask: {mask.kept} of {mask.total} filters kept ({mask.source.get('method')}, "
+          f"epoch {mask.source.get('epoch', '-')})")
+    target = args.run_dir
+    if args.finetune_epochs > 0:
+        overrides = {k: v for k, v in (("optimizer", args.optimizer), ("lr", args.lr))
+                     if v is not None}
+        result = finetune(args.run_dir, mask, args.finetune_epochs, overrides, args.quiet)
+        target = result.run_dir
+        print(f"fine-tuned: {target} (test accuracy {result.test_acc:.2f} %)")
+    if args.compact:
+        run = load_run(target)
+        example = example_input(run)
+        out = compact(run.model, example, keep=mask.keep)
+        folder = save_compact(out, run.architecture, mask, target / "compact")
+        before = sum(p.numel() for p in run.model.parameters())
+        after = sum(p.numel() for p in out.model.parameters())
+        print(f"compact: {folder} ({after:,} of {before:,} parameters, "
+              f"{_flops(out.model, example) / max(1, _flops(run.model, example)):.1%} of "
+              "the FLOPs)")
+    return 0
+
+
+def _flops(model: Any, example: Any) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(example)
+    return int(counter.get_total_flops())
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["channel_followers", "filter_norms", "zero_pruned_filters"]
+__all__ = ["channel_followers", "channel_masks", "filter_norms", "zero_pruned_filters"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -139,3 +139,25 @@ def _zero_channels(chain: list[nn.Module], dropped: torch.Tensor) -> None:
         for tensor in (getattr(module, "weight", None), getattr(module, "bias", None)):
             if isinstance(tensor, torch.Tensor):
                 tensor[dropped] = 0
+
+
+def channel_masks(model: nn.Module, keep: Mapping[str, torch.Tensor],
+                  example_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Entry masks (True: kept) of every parameter :func:`zero_pruned_filters` would touch, in
+    each parameter's shape: the pruned filters, their biases, the followers' channels. For
+    holding a pruned network fixed (:class:`~dessilbi.callbacks.FixedMask`)."""
+    modules = dict(model.named_modules())
+    followers = channel_followers(model, example_inputs)
+    masks: dict[str, torch.Tensor] = {}
+    for name, kept in keep.items():
+        layer_name = name.rpartition(".")[0]
+        chain = [layer_name, *followers.get(name, [])]
+        for module_name in chain:
+            for key, param in modules[module_name].named_parameters(recurse=False):
+                if key not in ("weight", "bias"):
+                    continue
+                full = f"{module_name}.{key}" if module_name else key
+                view = [-1] + [1] * (param.dim() - 1)
+                mask = kept.to(torch.bool).view(view).expand(param.shape).clone()
+                masks[full] = masks[full] & mask if full in masks else mask
+    return masks

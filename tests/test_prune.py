@@ -1,0 +1,66 @@
+"""``dessilbi prune``: mask from the path, fine-tuning with the mask held, compact network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dessilbi.cli import main
+from dessilbi.config import load_config
+from dessilbi.path_record import load_path
+from dessilbi.runs import load_run
+from dessilbi.subnet import load_mask, ordered_mask
+from dessilbi.subnet.prune import example_input, load_compact
+from dessilbi.train import train
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    return train(load_config("digits", {"epochs": 3, "nu": 5, "out": str(out)}),
+                 quiet=True).run_dir
+
+
+def test_prune_finetunes_with_the_mask_held_and_writes_a_compact_network(
+        source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["prune", str(source), "--keep", "0.5", "--finetune-epochs", "2", "--optimizer",
+            "sgd", "--lr", "0.02", "--compact", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mask: 56 of 112 filters kept (path_order, epoch 3)" in printed
+    tuned = next(p for p in source.parent.iterdir() if p.name.startswith(f"{source.name}-prune"))
+    assert tuned.name.endswith("-sgd-e2") and f"fine-tuned: {tuned}" in printed
+    mask = load_mask(tuned / "mask.json")
+    expected = ordered_mask(load_path(source / "path.pt"), 0.5)
+    assert all(torch.equal(mask.keep[n], expected.keep[n]) for n in expected.keep)
+    run = load_run(tuned)
+    assert run.epoch == 2 and run.config.optimizer == "sgd" and run.config.lr == 0.02
+    weights = run.model.state_dict()
+    start = load_run(source).model.state_dict()
+    for name, kept in mask.keep.items():  # pruned filters and biases exactly zero after SGD
+        layer = name.rpartition(".")[0]
+        assert not bool(weights[name][~kept].any()) and not bool(weights[f"{layer}.bias"][~kept]
+                                                                  .any())
+        assert not torch.equal(weights[name][kept], start[name][kept])  # the rest trained
+    compact_net = load_compact(tuned / "compact", example_input(run))
+    assert sum(p.numel() for p in compact_net.parameters()) < sum(
+        p.numel() for p in run.model.parameters())
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (compact_net(x) - run.model(x)).abs().max() <= 1e-5
+    assert "compact: " in printed and "of the FLOPs" in printed
+
+    assert main(argv[:-2] + ["--quiet"]) == 0  # the same command again: nothing to train
+    assert "finished (2/2 epochs), nothing to train" in capsys.readouterr().out
+
+
+def test_prune_refuses_conflicting_or_missing_masks(
+        source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", str(source), "--mask", str(tmp_path / "m.json"), "--keep", "0.5"]) == 1
+    assert "--mask gives the mask itself" in capsys.readouterr().err
+    assert main(["prune", str(source), "--mask", str(tmp_path / "m.json")]) == 1
+    assert "m.json: no mask file there" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
