@@ -64,3 +64,22 @@ def test_prune_refuses_conflicting_or_missing_masks(
     assert "m.json: no mask file there" in capsys.readouterr().err
     assert main(["prune", str(tmp_path / "nowhere")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_export_writes_onnx_that_onnxruntime_runs_at_any_batch(
+        source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "digits.onnx"
+    assert main(["export", str(source), "--weights", "pruned", "--out", str(out)]) == 0
+    assert f"onnx: {out} (onnxruntime agrees to" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    model = load_run(source, weights="pruned").model
+    for size in (2, 9):  # the batch dimension is dynamic
+        x = torch.randn(size, 1, 8, 8, generator=torch.Generator().manual_seed(size))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            assert np.abs(got - model(x).numpy()).max() <= 1e-4
+    assert main(["export", str(tmp_path / "nowhere")]) == 1
+    assert "not a dessilbi run directory" in capsys.readouterr().err

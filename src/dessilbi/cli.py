@@ -142,6 +142,24 @@ def _prune_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _export_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "export",
+        help="a run's network (or its compact network) as ONNX, checked with onnxruntime",
+        description=(
+            "Write SOURCE's network as ONNX (dynamic batch): SOURCE is a run directory (its "
+            "final weights, or --weights sparse / pruned) or the compact/ folder of "
+            "dessilbi prune --compact. The file is checked against onnxruntime on CPU (max "
+            "abs difference <= 1e-4). Needs pip install 'dessilbi[export]'."
+        ),
+    )
+    parser.add_argument("source", metavar="SOURCE", type=Path)
+    parser.add_argument("--out", type=Path, help="the .onnx file (default: SOURCE/model.onnx)")
+    parser.add_argument("--weights", choices=("dense", "sparse", "pruned"), default="dense",
+                        help="for a run directory: W, W~ or the pruned network (default: W)")
+    return parser
+
+
 def _epochs(text: str) -> list[int]:
     try:
         return [int(e) for e in text.split(",") if e.strip()]
@@ -170,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = {"train": _train_parser(sub), "report": _report_parser(sub),
-                "prune": _prune_parser(sub)}
+                "prune": _prune_parser(sub), "export": _export_parser(sub)}
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _refuse_unknown(commands.get(args.command, parser), unknown)
@@ -185,7 +203,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     if args.command == "prune":
         return _prune(args)
+    if args.command == "export":
+        return _export(args)
     return _train(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dessilbi.export import ExportError, export_onnx
+    from dessilbi.run_files import CheckpointError
+    from dessilbi.runs import load_run
+    from dessilbi.subnet.prune import example_input, load_compact
+
+    source: Path = args.source
+    try:
+        if (source / "compact.json").is_file():  # compact/ inside the run it came from
+            example = example_input(load_run(source.parent))
+            model = load_compact(source, example)
+        else:
+            run = load_run(source, weights=args.weights)
+            model, example = run.model, example_input(run)
+        out = args.out or source / "model.onnx"
+        difference = export_onnx(model, example, out)
+    except (ConfigError, CheckpointError, ExportError, ValueError, ImportError) as exc:
+        print(f"dessilbi: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"onnx: {out} (onnxruntime agrees to {difference:.1e})")
+    return 0
 
 
 def _prune(args: argparse.Namespace) -> int:
