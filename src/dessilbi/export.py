@@ -35,7 +35,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, file: str | os.P
         ExportError: a difference above ``tolerance`` (the file is removed then).
     """
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # type: ignore[import-untyped]  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise ImportError("ONNX export needs: pip install 'dessilbi[export]'") from exc
