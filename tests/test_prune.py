@@ -13,6 +13,7 @@ from dessilbi.path_record import load_path
 from dessilbi.runs import load_run
 from dessilbi.subnet import load_mask, ordered_mask
 from dessilbi.subnet.prune import example_input, load_compact
+from dessilbi.subnet.report import layer_flops
 from dessilbi.train import train
 
 
@@ -50,7 +51,15 @@ def test_prune_finetunes_with_the_mask_held_and_writes_a_compact_network(
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (compact_net(x) - run.model(x)).abs().max() <= 1e-5
-    assert "compact: " in printed and "of the FLOPs" in printed
+    assert "compact: " in printed and "FLOPs per image" in printed
+    report = (tuned / "compact" / "report.md").read_text()
+    for layer in ("conv1", "conv2", "conv3", "fc"):
+        assert f"| {layer} | " in report, layer
+    dense_flops = layer_flops(run.model, example_input(run))
+    compact_flops = layer_flops(compact_net, example_input(run))
+    assert compact_flops[""] < dense_flops[""]
+    assert f"FLOPs per image: {dense_flops['']:,} → {compact_flops['']:,}" in report
+    assert "| 64 | 1 |" in report and "speed-up" in report
 
     assert main(argv[:-2] + ["--quiet"]) == 0  # the same command again: nothing to train
     assert "finished (2/2 epochs), nothing to train" in capsys.readouterr().out

@@ -267,22 +267,14 @@ def _prune_run(args: argparse.Namespace) -> int:
         example = example_input(run)
         out = compact(run.model, example, keep=mask.keep)
         folder = save_compact(out, run.architecture, mask, target / "compact")
-        before = sum(p.numel() for p in run.model.parameters())
-        after = sum(p.numel() for p in out.model.parameters())
-        print(f"compact: {folder} ({after:,} of {before:,} parameters, "
-              f"{_flops(out.model, example) / max(1, _flops(run.model, example)):.1%} of "
-              "the FLOPs)")
+        from dessilbi.run_files import atomic_write_text
+        from dessilbi.subnet.report import compact_report
+
+        report = compact_report(run.model, out.model, example)
+        atomic_write_text(report, folder / "report.md")
+        totals = next(line for line in report.splitlines() if line.startswith("Parameters:"))
+        print(f"compact: {folder} (report.md: per layer, and CPU latency)\n{totals}")
     return 0
-
-
-def _flops(model: Any, example: Any) -> int:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(example)
-    return int(counter.get_total_flops())
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,0 +1,97 @@
+"""What compaction bought, per layer: channels, parameters and FLOPs, and CPU latency.
+
+FLOPs come from torch's ``FlopCounterMode`` (per module and in total); latency is the median of
+timed forward passes in eval mode, at batch 1 and 64, with one intra-op thread and with all.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["compact_report", "layer_flops", "latency"]
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def layer_flops(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """FLOPs per module name (``""``: the whole model) for one pass over ``example_inputs``."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(example_inputs)
+    root = type(model).__name__
+    out = {}
+    for key, counts in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = "" if key == root else key.removeprefix(f"{root}.")
+        out[name] = int(sum(counts.values()))
+    return out
+
+
+@contextmanager
+def _threads(count: int | None) -> Any:
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def latency(model: nn.Module, inputs: torch.Tensor, threads: int | None, repeats: int = 10
+            ) -> float:
+    """Median seconds of a forward pass (eval mode, no autograd) after two warm-up passes."""
+    model.eval()
+    times = []
+    with _threads(threads), torch.inference_mode():
+        for k in range(repeats + 2):
+            start = time.perf_counter()
+            model(inputs)
+            if k >= 2:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compact_report(dense: nn.Module, compact_model: nn.Module, example_inputs: torch.Tensor,
+                   batches: Sequence[int] = (1, 64)) -> str:
+    """A markdown report: per conv / linear layer, output channels, parameters and FLOPs of the
+    dense and the compact network; then totals and CPU latency of both."""
+    flops_dense = layer_flops(dense, example_inputs)
+    flops_compact = layer_flops(compact_model, example_inputs)
+    compact_modules = dict(compact_model.named_modules())
+    lines = ["| layer | channels | parameters | FLOPs |", "|---|---|---|---|"]
+    for name, module in dense.named_modules():
+        if not isinstance(module, _LAYERS):
+            continue
+        small = compact_modules[name]
+        channels = (f"{module.weight.shape[0]} → {small.weight.shape[0]}")
+        params = f"{_count(module):,} → {_count(small):,}"
+        lines.append(f"| {name} | {channels} | {params} | "
+                     f"{flops_dense.get(name, 0):,} → {flops_compact.get(name, 0):,} |")
+    total_dense, total_compact = _count(dense), _count(compact_model)
+    lines += ["", f"Parameters: {total_dense:,} → {total_compact:,} "
+              f"({total_compact / total_dense:.1%}); FLOPs per image: {flops_dense['']:,} → "
+              f"{flops_compact['']:,} ({flops_compact[''] / flops_dense['']:.1%}, "
+              f"{flops_dense[''] / flops_compact['']:.2f}x fewer).", "",
+              "| batch | threads | dense (ms) | compact (ms) | speed-up |", "|---|---|---|---|---|"]
+    for batch in batches:
+        x = example_inputs.new_zeros(batch, *example_inputs.shape[1:]).normal_()
+        for threads in (1, None):
+            slow, fast = latency(dense, x, threads), latency(compact_model, x, threads)
+            label = "1" if threads == 1 else f"all ({torch.get_num_threads()})"
+            lines.append(f"| {batch} | {label} | {1e3 * slow:.2f} | {1e3 * fast:.2f} | "
+                         f"{slow / fast:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
