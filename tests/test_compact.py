@@ -180,3 +180,46 @@ def compact_support(model: nn.Module, optimizer: DessiLBI) -> dict[str, torch.Te
     from dessilbi import group_support
 
     return group_support(model, optimizer)
+
+
+class PreActivation(nn.Module):
+    """x = stem(x); x = x + conv(relu(bn(x))): bn shifts the stream's channels before conv
+    reads them, so a channel pruned in stem and conv is not zero where conv reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.conv(torch.relu(self.bn(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_channels_that_are_read_nonzero_or_reach_the_output_stay() -> None:
+    """A pre-activation shift (bn's β = 1) keeps a channel pruned in both tied layers alive
+    where the next layer reads it: compaction keeps it (zeroed), and the outputs still agree.
+    A filter-coupled classifier never loses its output units."""
+    torch.manual_seed(0)
+    model = PreActivation().eval()
+    with torch.no_grad():
+        model.bn.bias.fill_(1.0)
+    keep = {"stem.weight": torch.tensor([True, False, True, True]),
+            "conv.weight": torch.tensor([True, False, True, True]),
+            "head.weight": torch.tensor([True, False, True])}
+    example = torch.zeros(1, 3, 8, 8)
+    result = compact(model, example, keep=keep)
+    masked = copy.deepcopy(model)
+    zero_pruned_filters(masked, keep, example)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (result.model(x) - masked(x)).abs().max() <= 1e-6
+    assert result.removed["stem.weight"] == [] and result.model.stem.out_channels == 4
+    assert result.model.head.out_features == 3  # the classes stay
+    with torch.no_grad():
+        model.bn.bias.zero_()  # β = 0: relu(bn(0)) is 0 where the channel is read (γ·0 = 0)
+        model.bn.running_mean.zero_()
+    assert compact(model, example, keep=keep).removed["stem.weight"] == [1]

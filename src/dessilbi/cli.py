@@ -256,6 +256,9 @@ def _prune_run(args: argparse.Namespace) -> int:
     print(f"mask: {mask.kept} of {mask.total} filters kept ({mask.source.get('method')}, "
           f"epoch {mask.source.get('epoch', '-')})")
     target = args.run_dir
+    if args.epoch is not None and args.finetune_epochs == 0:
+        print(f"note: the mask is from epoch {args.epoch}, the weights from the run's last "
+              "epoch (only those are kept)", file=sys.stderr)
     if args.finetune_epochs > 0:
         overrides = {k: v for k, v in (("optimizer", args.optimizer), ("lr", args.lr))
                      if v is not None}

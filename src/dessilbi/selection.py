@@ -113,6 +113,7 @@ class StartEpochThresholds(Callback):
 
     def on_step_end(self, run: TrainingRun) -> None:
         if self.calibrated:
+            self._reapply(run)
             return
         for name, norms in self._norms(run).items():  # one reduction per layer, calibration only
             peak = norms.max()
@@ -129,12 +130,21 @@ class StartEpochThresholds(Callback):
             return None
         left = self.start - 0.5 - self.calibration
         for name, group, _ in self._coupled(run):
+            if name not in norms:
+                continue  # no gradient reached it yet: it stays unselectable
             after = norms[name].cpu()
             before = self._before.get(name, torch.zeros_like(after))
             seen = self._seen_max.get(name)
             group["lam"] = self.lams[name] = start_thresholds(
                 before, after, left, 0.0 if seen is None else float(seen))
         return {"selection_lam": dict(self.lams)}
+
+    def _reapply(self, run: TrainingRun) -> None:
+        """A replaced optimizer (a grown or pruned model) starts at the calibration λ: give its
+        groups the calibrated ones again (a few dict lookups a step)."""
+        for name, group, _ in self._coupled(run):
+            if group["lam"] == CALIBRATING_LAM and name in self.lams:
+                group["lam"] = self.lams[name]
 
     def state_dict(self) -> dict[str, Any]:
         return {"start": self.start, "calibration": self.calibration, "lams": dict(self.lams),

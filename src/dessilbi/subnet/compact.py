@@ -115,23 +115,60 @@ def _depthwise(module: nn.Module) -> bool:
         module.groups == module.in_channels == module.out_channels
 
 
-def _removable(graph: Any, tp: Any, group: Any, keep_now: Mapping[str, torch.Tensor],
-               names: Mapping[int, str], count: int) -> list[int]:
-    """Positions (into the root's index list) of channels pruned in every layer that owns them."""
+@torch.no_grad()
+def _input_magnitudes(net: nn.Module, inputs: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per conv / linear module (by id): the largest |input| of each input feature over one
+    forward pass of ``inputs`` (channels of a conv, the last dimension of a linear)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().abs()
+        dims = [d for d in range(x.dim()) if d != (x.dim() - 1 if isinstance(
+            module, nn.Linear) else 1)]
+        seen[id(module)] = x.amax(dim=dims).float().cpu()
+
+    handles = [m.register_forward_pre_hook(hook) for m in net.modules()
+               if isinstance(m, _OWNERS)]
+    try:
+        net.eval()(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _removable(graph: Any, group: Any, keep_now: Mapping[str, torch.Tensor],
+               names: Mapping[int, str], count: int, inputs: Mapping[int, torch.Tensor]
+               ) -> list[int]:
+    """Positions (into the root's index list) of channels that can go without changing what
+    the network computes: pruned in every layer that produces them, and exactly zero wherever a
+    layer reads them (a norm's shift or an activation with f(0) ≠ 0 in between keeps them).
+    Channels no layer reads (the network's outputs) stay."""
     ok = [True] * count
+    read = False
     for dep, idxs in group:
         module = dep.target.module
-        if not (graph.is_out_channel_pruning_fn(dep.handler) and isinstance(module, _OWNERS)):
+        if not isinstance(module, _OWNERS):
             continue
-        if _depthwise(module):
-            continue  # its channels are its input's: they go with the layer that feeds it
-        weight = f"{names.get(id(module), '?')}.weight"
-        kept = keep_now.get(weight)
-        if kept is None or len(idxs) != count:
-            return []  # an unmasked layer shares these channels, or an index map we do not read
-        for k, i in enumerate(idxs):
-            ok[k] = ok[k] and not bool(kept[int(i)])
-    return [k for k in range(count) if ok[k]]
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            if _depthwise(module):
+                continue  # its channels are its input's: they go with the layer that feeds it
+            kept = keep_now.get(f"{names.get(id(module), '?')}.weight")
+            if kept is None or len(idxs) != count:
+                return []  # an unmasked layer shares these channels, or an index map we skip
+            for k, i in enumerate(idxs):
+                ok[k] = ok[k] and not bool(kept[int(i)])
+            continue
+        read = True
+        magnitude = inputs.get(id(module))
+        if magnitude is None:
+            return []
+        values = magnitude[[int(i) for i in idxs]]
+        if len(idxs) == count:
+            ok = [a and float(v) == 0.0 for a, v in zip(ok, values, strict=True)]
+        elif bool(values.any()):
+            return []  # a flattened read of a nonzero channel, by an index map we do not split
+    return [k for k in range(count) if ok[k]] if read else []
 
 
 def compact(model: nn.Module, example_inputs: torch.Tensor, optimizer: Optimizer | None = None,
@@ -179,6 +216,9 @@ def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torc
     modules = dict(net.named_modules())
     names = {id(m): n for n, m in modules.items()}
     keep_now = {n: k.detach().cpu().bool().clone() for n, k in keep.items()}
+    # A random batch: a channel that is zero on it for every image is zero by construction.
+    probe = torch.randn(2, *example_inputs.shape[1:], generator=torch.Generator().manual_seed(0)
+                        ).to(example_inputs)
     origin_of = {n: torch.arange(k.numel()) for n, k in keep_now.items()}
     removed: dict[str, list[int]] = {n: [] for n in keep}
     for weight in keep:
@@ -188,7 +228,8 @@ def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torc
             continue
         out_fn = graph.get_pruner_of_module(module).prune_out_channels
         group = graph.get_pruning_group(module, out_fn, idxs=pruned)
-        positions = _removable(graph, tp, group, keep_now, names, len(pruned))
+        inputs = _input_magnitudes(net, probe)
+        positions = _removable(graph, group, keep_now, names, len(pruned), inputs)
         if not positions:
             continue
         group = graph.get_pruning_group(module, out_fn, idxs=[pruned[k] for k in positions])
@@ -224,9 +265,12 @@ def _rebuilt(optimizer: Optimizer, model: nn.Module, net: nn.Module, tracker: _T
     groups = []
     for group in optimizer.param_groups:
         names = [old_names[id(p)] for p in group["params"]]
-        options = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+        options = {k: v for k, v in group.items() if k != "params"}
         groups.append({**options, "params": [params[n] for n in names]})
     fresh = type(optimizer)(groups, **optimizer.defaults)
+    for attribute in ("nonfinite",):  # DessiLBI's settings outside the param groups
+        if hasattr(optimizer, attribute):
+            setattr(fresh, attribute, getattr(optimizer, attribute))
     for name, values in tracker.state.items():
         fresh.state[params[name]] = values
     return fresh

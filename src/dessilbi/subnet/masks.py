@@ -97,9 +97,10 @@ def load_mask(file: str | os.PathLike[str]) -> FilterMask:
 
 
 def _filter_layers(record: PathRecord, epoch: int) -> list[str]:
-    """The group-structured layers coupled at ``epoch`` (element layers have no filters)."""
+    """The filter-structured layers coupled at ``epoch`` (channel groups are inputs, element
+    groups single weights: neither removes a filter)."""
     return [n for n in record.names
-            if record.structure(n) != "element" and any(record.group_shape(n, epoch))]
+            if record.structure(n) == "filter" and any(record.group_shape(n, epoch))]
 
 
 def _epoch(record: PathRecord, epoch: int | None) -> int:

@@ -55,9 +55,11 @@ def choose_mask(run_dir: str | os.PathLike[str], *, epoch: int | None = None,
     return support_mask(record, epoch) if keep is None else ordered_mask(record, keep, epoch)
 
 
-def _mask_hash(mask: FilterMask) -> str:
-    blob = json.dumps({n: k.nonzero().view(-1).tolist() for n, k in mask.keep.items()},
-                      sort_keys=True).encode()
+def _mask_hash(mask: FilterMask, overrides: dict[str, Any]) -> str:
+    """6 hex digits of the kept filters and the fine-tuning overrides: another mask or another
+    lr is another run directory."""
+    blob = json.dumps({"keep": {n: k.nonzero().view(-1).tolist() for n, k in mask.keep.items()},
+                       "overrides": overrides}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:6]
 
 
@@ -83,7 +85,7 @@ def finetune(run_dir: str | os.PathLike[str], mask: FilterMask, epochs: int,
               "selection_start": None, "schedule_epochs": None, "run_name": None,
               "out": str(source.run_dir.parent), **overrides}
     if values["run_name"] is None:
-        values["run_name"] = (f"{source.run_dir.name}-prune-{_mask_hash(mask)}-"
+        values["run_name"] = (f"{source.run_dir.name}-prune-{_mask_hash(mask, overrides)}-"
                               f"{values['optimizer']}-e{epochs}")
     config = load_config(None, values)
     out_dir = Path(config.out) / config.run_directory_name()
