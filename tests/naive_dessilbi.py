@@ -39,7 +39,7 @@ def naive_group_size(structure: str, shape: tuple[int, ...]) -> int:
     """Entries per group: 1 for elements; all entries of ``t[i, ...]`` / ``t[:, j, ...]``."""
     if structure == "element":
         return 1
-    axis = 0 if structure == "filter" else 1
+    axis = 0 if structure in ("filter", "tied") else 1
     return math.prod(shape) // shape[axis]
 
 
@@ -67,6 +67,22 @@ def naive_prox(v: torch.Tensor, structure: str, lam_g: float, kappa: float = 1.0
             continue  # the whole group stays exactly zero
         out.select(axis, i).copy_(kappa * (1.0 - lam_g / norm) * v_g)
     return out
+
+
+def naive_tied_prox(vs: list[torch.Tensor], lam: float, kappa: float, scaling: str
+                    ) -> list[torch.Tensor]:
+    """The group lasso whose group ``i`` is filter ``i`` of every tensor in ``vs`` together:
+    one norm over all their entries, one factor for all of them."""
+    size = sum(naive_group_size("tied", tuple(v.shape)) for v in vs)
+    lam_g = lam * math.sqrt(size) if scaling == "sqrt_size" else lam
+    outs = [torch.zeros_like(v) for v in vs]
+    for i in range(vs[0].shape[0]):
+        norm = math.sqrt(sum(float((v[i] * v[i]).sum()) for v in vs))
+        if norm <= lam_g:
+            continue  # filter i stays exactly zero in every tensor
+        for v, out in zip(vs, outs, strict=True):
+            out[i].copy_(kappa * (1.0 - lam_g / norm) * v[i])
+    return outs
 
 
 class NaiveDessiLBI:
@@ -115,7 +131,15 @@ class NaiveDessiLBI:
                 gamma_old = state["gamma"]
                 w.copy_(w_old - kappa * lr * (d + (w_old - gamma_old) / nu))
                 state["v"] = state["v"] + (lr / nu) * (w_old - gamma_old)
+                if structure == "tied":
+                    continue  # Γ after every V of the group has moved
                 lam_g = naive_threshold(
                     group["lam"], structure, tuple(w.shape), group["group_scaling"]
                 )
                 state["gamma"] = naive_prox(state["v"], structure, lam_g, kappa)
+            if structure == "tied" and any(w.grad is not None for w in group["params"]):
+                tied = [w for w in group["params"] if w.grad is not None]
+                gammas = naive_tied_prox([self.state[w]["v"] for w in tied], group["lam"],
+                                         kappa, group["group_scaling"])
+                for w, gamma in zip(tied, gammas, strict=True):
+                    self.state[w]["gamma"] = gamma

@@ -223,3 +223,58 @@ def test_channels_that_are_read_nonzero_or_reach_the_output_stay() -> None:
         model.bn.bias.zero_()  # β = 0: relu(bn(0)) is 0 where the channel is read (γ·0 = 0)
         model.bn.running_mean.zero_()
     assert compact(model, example, keep=keep).removed["stem.weight"] == [1]
+
+
+def test_tied_filters_are_removed_exactly_where_gamma_drops_them() -> None:
+    """conv_structure "tied" on ResNet-20: the dependency graph gives each stage's residual
+    stream (the stem or shortcut and every block's second conv) as one tied set; after DessiLBI
+    steps with λ near the median joint ‖V_g‖ of every group, the tied layers share their
+    support, and compaction removes every filter Γ dropped — in tied layers too — with the
+    outputs unchanged."""
+    from dessilbi.selection import CALIBRATING_LAM
+    from dessilbi.subnet.tied import tie_filter_groups, tied_sets
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10).double()
+    example = torch.zeros(1, 3, 16, 16, dtype=torch.float64)
+    convs = [n for n, p in model.named_parameters() if p.dim() == 4]
+    sets = [s for s in tied_sets(model, example, convs) if len(s) > 1]
+    assert sets == [
+        ["conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight",
+         "layer1.2.conv2.weight"],
+        ["layer2.0.conv2.weight", "layer2.0.shortcut.0.weight", "layer2.1.conv2.weight",
+         "layer2.2.conv2.weight"],
+        ["layer3.0.conv2.weight", "layer3.0.shortcut.0.weight", "layer3.1.conv2.weight",
+         "layer3.2.conv2.weight"]]
+    groups = tie_filter_groups(structured_param_groups(model, conv="filter", linear=None),
+                               model, example)
+    assert sum(g["structure"] == "tied" for g in groups) == 3
+    optimizer = DessiLBI(groups, lr=0.1, nu=2.0, lam=CALIBRATING_LAM, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=gen)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(4):
+        step()
+    for group in optimizer.param_groups:
+        if group["structure"] is not None:
+            joint = sum(optimizer.state[p]["v"].flatten(1).norm(dim=1) ** 2
+                        for p in group["params"]) ** 0.5
+            group["lam"] = 1.25 * float(joint.median())  # V grows by about 1/4 in step 5
+    step()
+    support = compact_support(model, optimizer)
+    for tied in sets:
+        assert all(torch.equal(support[tied[0]], support[n]) for n in tied)
+        assert 0 < int(support[tied[0]].sum()) < support[tied[0]].numel()
+    result = compact(model.eval(), example, optimizer)
+    for name, kept in support.items():
+        assert result.removed[name] == (~kept).nonzero().view(-1).tolist(), name
+    masked = copy.deepcopy(model)
+    zero_pruned_filters(masked, support, example)
+    with torch.no_grad():
+        assert (result.model(x) - masked(x)).abs().max() <= 1e-9

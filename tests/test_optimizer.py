@@ -888,3 +888,79 @@ def test_large_finite_gradient_is_not_mistaken_for_overflow() -> None:
     assert torch.isfinite(p).all()
     torch.testing.assert_close(p, q)
     assert not torch.equal(p.detach(), torch.tensor([[1.0, -2.0], [0.5, 0.25]]))
+
+
+# ------------------------------------------------------------------------------ tied filters
+
+
+class TiedNet(nn.Module):
+    """A residual pair: ``a = relu(conv_a(x))``, ``y = a + conv_b(a)``: the 8 output channels
+    of conv_a and conv_b are added, so their filters are tied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv_a(x))
+        return self.fc((a + self.conv_b(a)).mean((2, 3)))
+
+
+def tied_spec(model: TiedNet, **hyper: Any) -> list[dict[str, Any]]:
+    shared = {k: v for k, v in hyper.items() if k in SHARED}
+    return [
+        {"params": [model.conv_a.weight, model.conv_b.weight], "structure": "tied", **hyper},
+        {"params": [model.fc.weight], **shared, "structure": "element", "lam": 0.05},
+        {"params": [model.conv_a.bias, model.conv_b.bias, model.fc.bias], **shared,
+         "structure": None},
+    ]
+
+
+@pytest.mark.parametrize("scaling", ["none", "sqrt_size"])
+@pytest.mark.parametrize("config", list(MOMENTUM_CONFIGS), ids=list(MOMENTUM_CONFIGS))
+def test_tied_filters_match_the_oracle_and_share_their_support(config: str, scaling: str
+                                                               ) -> None:
+    """30 float64 steps with conv_a's and conv_b's filters tied (one norm per filter across
+    both tensors): the foreach, per-tensor and fused paths equal the literal oracle, the two
+    tensors' supports are identical, and some but not all filters are selected."""
+    hyper = dict(MOMENTUM_CONFIGS[config])
+    factor = hyper.pop("lam_factor", 1.0)
+    base = 0.8 if config == "nesterov_wd_kappa_half" else 0.66  # about the median joint ‖V_g‖
+    hyper.update(lam=factor * (base if scaling == "none" else base / 9.5),  # √90 entries
+                 group_scaling=scaling)
+    torch.manual_seed(0)
+    ref = TiedNet().to(F64)
+    oracle = NaiveDessiLBI(tied_spec(ref, **hyper))
+    runs = []
+    for options in ({"foreach": True}, {"foreach": False}, {"fused": True}):
+        model = copy.deepcopy(ref)
+        runs.append((model, DessiLBI(tied_spec(model, **hyper), **options)))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 2, 6, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    for _ in range(30):
+        for m in (ref, *(model for model, _ in runs)):
+            m.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+        oracle.step()
+        for _, opt in runs:
+            opt.step()
+    for model, opt in runs:
+        assert_states_match(model, opt, ref, oracle)
+        a, b = (group_norms(opt.state[p]["gamma"], "tied") > 0
+                for p in (model.conv_a.weight, model.conv_b.weight))
+        assert torch.equal(a, b)
+        assert 0 < int(a.sum()) < 8, f"{int(a.sum())}/8 filters selected: uninformative test"
+
+
+def test_tied_groups_refuse_other_filter_counts_and_missing_gradients() -> None:
+    model = TiedNet().to(F64)
+    with pytest.raises(ValueError, match="'tied' needs the same number of filters"):
+        DessiLBI([{"params": [model.conv_a.weight, model.fc.weight], "structure": "tied"}])
+    opt = DessiLBI([{"params": [model.conv_a.weight, model.conv_b.weight],
+                     "structure": "tied"}], lr=0.1)
+    model.conv_a.weight.grad = torch.ones_like(model.conv_a.weight)
+    with pytest.raises(ValueError, match="one of them has no gradient"):
+        opt.step()

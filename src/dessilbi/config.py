@@ -94,8 +94,10 @@ class TrainConfig:
     nesterov: bool = _opt(False, "Nesterov momentum")
     weight_decay: float = _opt(0.0, "weight decay of weights")
     norm_weight_decay: float = _opt(0.0, "weight decay of biases and normalisation parameters")
-    conv_structure: str | None = _opt("filter", "structure of conv weights: filter, channel, "
-                                      "element or none")
+    conv_structure: str | None = _opt(
+        "filter", "structure of conv weights: filter, tied (filters of layers joined by residual "
+        "additions form one group, so whatever Gamma drops can be removed), channel, element "
+        "or none")
     linear_structure: str | None = _opt("element", "structure of linear weights")
     group_scaling: str = _opt("none", "group threshold scaling: none or sqrt_size")
     conv_group_scaling: str | None = _opt(
@@ -181,8 +183,8 @@ class TrainConfig:
         """The optimizer's hyperparameters, checked here so errors name the config key."""
         structures = ("filter", "channel", "element", None)
         return [
-            ("conv_structure", self.conv_structure in structures,
-             "filter, channel, element or none"),
+            ("conv_structure", self.conv_structure in (*structures, "tied"),
+             "filter, tied, channel, element or none"),
             ("linear_structure", self.linear_structure in structures,
              "filter, channel, element or none"),
             ("group_scaling", self.group_scaling in GROUP_SCALING_NAMES, "none or sqrt_size"),

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dessilbi.optim.proximal import group_axis, group_norms
+from dessilbi.optim.proximal import FILTER_STRUCTURES, group_axis, group_norms
 from dessilbi.path import coupled_parameters
 
 __all__ = [
@@ -116,7 +116,7 @@ def _corner(t: torch.Tensor, shape: Shape) -> torch.Tensor:
 
 def _picturable(structure: str, weight: torch.Tensor) -> bool:
     """Whether a coupled weight is a convolution whose filters can be shown as pictures."""
-    return (structure == "filter" and weight.dim() == 4
+    return (structure in FILTER_STRUCTURES and weight.dim() == 4
             and max(weight.shape[2:]) <= _PICTURE_MAX_KERNEL)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dessilbi.config import ConfigError, TrainConfig, load_config
-from dessilbi.optim.proximal import group_axis
+from dessilbi.optim.proximal import FILTER_STRUCTURES, group_axis
 from dessilbi.path_record import PathRecord, load_path
 from dessilbi.run_files import CheckpointError, load_checkpoint, load_model_file
 from dessilbi.run_state import Architecture
@@ -133,7 +133,8 @@ def _prune_unselected(model: nn.Module, record: PathRecord, epoch: int,
     from dessilbi.subnet import zero_pruned_filters
 
     keep = {name: record.support(name, epoch) for name in record.names
-            if record.structure(name) == "filter" and any(record.group_shape(name, epoch))}
+            if record.structure(name) in FILTER_STRUCTURES
+            and any(record.group_shape(name, epoch))}
     try:
         info = dataset_info(config.dataset, config.data_dir)
     except DatasetError as exc:

@@ -41,13 +41,17 @@ CALIBRATING_LAM = 1e30
 
 
 def split_coupled_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One param group per coupled tensor (so each gets its own λ), uncoupled groups as given;
+    """One param group per coupled tensor (so each gets its own λ; a ``"tied"`` group stays
+    one group, its filters being one group across its tensors), uncoupled groups as given;
     λ set to :data:`CALIBRATING_LAM` and the group scaling to ``"none"`` (λ_l is compared with
     ‖V_g‖ directly)."""
     out = []
     for group in groups:
         if group.get("structure") is None:
             out.append(group)
+            continue
+        if group["structure"] == "tied":
+            out.append({**group, "lam": CALIBRATING_LAM, "group_scaling": "none"})
             continue
         names = group.get("param_names", [None] * len(group["params"]))
         for param, name in zip(group["params"], names, strict=True):
@@ -95,21 +99,30 @@ class StartEpochThresholds(Callback):
     def calibrated(self) -> bool:
         return bool(self.lams)
 
-    def _coupled(self, run: TrainingRun) -> list[tuple[str, dict[str, Any], nn.Parameter]]:
+    def _coupled(self, run: TrainingRun) -> list[tuple[str, dict[str, Any], list[nn.Parameter]]]:
+        """(key, group, params) per coupled group: the key is its first tensor's name."""
         out = []
         for group in run.optimizer.param_groups:
             if group.get("structure") is None:
                 continue
-            if len(group["params"]) != 1:
+            if len(group["params"]) != 1 and group["structure"] != "tied":
                 raise ValueError("selection_start needs one param group per coupled tensor "
                                  "(dessilbi.selection.split_coupled_groups)")
-            out.append((group["param_names"][0], group, group["params"][0]))
+            out.append((group["param_names"][0], group, list(group["params"])))
         return out
 
     def _norms(self, run: TrainingRun) -> dict[str, torch.Tensor]:
+        """‖V_g‖ per group of every coupled group (joint over a tied group's tensors)."""
         state = run.optimizer.state
-        return {name: _v_norms(state[p]["v"], group["structure"])
-                for name, group, p in self._coupled(run) if "v" in state.get(p, {})}
+        out = {}
+        for name, group, params in self._coupled(run):
+            vs = [state[p]["v"] for p in params if "v" in state.get(p, {})]
+            if len(vs) != len(params):
+                continue
+            squares = sum(_v_norms(v, group["structure"]).square() for v in vs)
+            assert isinstance(squares, torch.Tensor)
+            out[name] = squares.sqrt()
+        return out
 
     def on_step_end(self, run: TrainingRun) -> None:
         if self.calibrated:

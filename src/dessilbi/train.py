@@ -75,7 +75,7 @@ from dessilbi.run_files import (
 from dessilbi.run_state import Architecture, ModelFactory, OptimizerFactory, TrainingRun
 from dessilbi.schedule import lr_multiplier
 from dessilbi.selection import StartEpochThresholds, split_coupled_groups
-from dessilbi.structure import structured_param_groups
+from dessilbi.structure import structured_param_groups, unwrap_model
 
 __all__ = [
     "CheckpointError",
@@ -132,6 +132,17 @@ def _config_callbacks(config: TrainConfig) -> list[Callback]:
     return []
 
 
+def _tied_groups(config: TrainConfig, model: nn.Module, groups: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """``conv_structure: tied``: the conv filter groups regrouped by the layers a residual
+    addition ties (torch-pruning's dependency graph, traced on one zero image)."""
+    from dessilbi.subnet.tied import tie_filter_groups
+
+    info = dataset_info(config.dataset, config.data_dir)
+    example = torch.zeros(1, info.in_channels, *info.image_size)
+    return tie_filter_groups(groups, unwrap_model(model), example)
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     """The optimizer of ``config`` for ``model`` (DessiLBI, SGD or Adam).
 
@@ -143,9 +154,10 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     baselines get the same decay / no-decay split.
     """
     coupled = config.optimizer == "dessilbi"
+    tied = coupled and config.conv_structure == "tied"
     groups = structured_param_groups(
         model,
-        conv=config.conv_structure if coupled else None,
+        conv=("filter" if tied else config.conv_structure) if coupled else None,
         linear=config.linear_structure if coupled else None,
         exclude=config.exclude if coupled else (),
         weight_decay=config.weight_decay,
@@ -153,6 +165,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     )
     if coupled:
         _layer_type_options(config, model, groups)
+        if tied:
+            groups = _tied_groups(config, model, groups)
         if config.selection_start is not None:
             groups = split_coupled_groups(groups)
         return DessiLBI(groups, lr=config.lr, kappa=config.kappa, nu=config.nu,

@@ -19,11 +19,12 @@ Imports go one way, so that nothing here can form a cycle::
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
 
-from dessilbi.optim.proximal import group_threshold, prox
+from dessilbi.optim.proximal import group_size, group_threshold, prox, tied_prox
 
 __all__ = ["momentum_update", "multi_tensor_dessilbi", "single_tensor_dessilbi"]
 
@@ -68,8 +69,11 @@ def single_tensor_dessilbi(
         coupling = w - gamma  # W_k − Γ_k, taken before W moves
         w.add_(d + coupling / nu, alpha=-kappa * lr)
         v.add_(coupling, alpha=lr / nu)
-        lam_g = group_threshold(lam, structure, w.shape, group_scaling)
-        prox(v, structure, lam_g, kappa, out=gamma)
+        if structure != "tied":
+            lam_g = group_threshold(lam, structure, w.shape, group_scaling)
+            prox(v, structure, lam_g, kappa, out=gamma)
+    if structure == "tied":
+        _tied_gamma(params, vs, gammas, lam, kappa, group_scaling)
 
 
 def multi_tensor_dessilbi(
@@ -122,10 +126,21 @@ def multi_tensor_dessilbi(
                 momentum_buffers[i] = b
             d = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
             torch._foreach_add_(ws, d, alpha=-kappa * lr)
-        if coupled:
+        if coupled and structure != "tied":
             for w, v, gamma in zip(ws, v_b, gamma_b, strict=True):
                 lam_g = group_threshold(lam, structure, w.shape, group_scaling)
                 prox(v, cast(str, structure), lam_g, kappa, out=gamma)
+    if structure == "tied":  # one norm across the tensors: after every V has moved
+        _tied_gamma(params, vs, gammas, lam, kappa, group_scaling)
+
+
+def _tied_gamma(params: list[torch.Tensor], vs: list[torch.Tensor], gammas: list[torch.Tensor],
+                lam: float, kappa: float, group_scaling: str) -> None:
+    """Γ of a ``"tied"`` group: one group lasso over filter ``i`` of every tensor, λ_g scaled
+    by the size of the joint group under ``"sqrt_size"``."""
+    size = sum(group_size("tied", w.shape) for w in params)
+    lam_g = lam * math.sqrt(size) if group_scaling == "sqrt_size" else lam
+    tied_prox(vs, lam_g, kappa, gammas)
 
 
 def momentum_update(

@@ -118,7 +118,7 @@ def fused_dessilbi(
         "group_scaling": group_scaling,
     }
     first_step = momentum != 0 and any(b is None for b in momentum_buffers)
-    if structure is None or not params or first_step:
+    if structure is None or structure == "tied" or not params or first_step:  # tied: eager
         multi_tensor_dessilbi(params, grads, momentum_buffers, vs, gammas, **hyper)
         return
 

@@ -195,8 +195,15 @@ class DessiLBI(Optimizer):
         buffers: list[torch.Tensor | None] = []
         vs: list[torch.Tensor] = []
         gammas: list[torch.Tensor] = []
+        tied = group["structure"] == "tied"
         for p in group["params"]:
             if p.grad is None:
+                if tied and any(q.grad is not None for q in group["params"]):
+                    raise ValueError(
+                        "a 'tied' param group steps all its tensors together (one norm per "
+                        "filter across them), but one of them has no gradient; leave the "
+                        "whole group out, or tie only tensors that all get gradients"
+                    )
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("DessiLBI does not support sparse gradients")
@@ -294,6 +301,10 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise bad("group_scaling", f"expected one of {GROUP_SCALINGS}")
     for p in group["params"]:
         check_structure(group["structure"], p.shape)
+    if group["structure"] == "tied" and len({p.shape[0] for p in group["params"]}) > 1:
+        shapes = [tuple(p.shape) for p in group["params"]]
+        raise bad("structure", f"'tied' needs the same number of filters in every tensor, got "
+                  f"shapes {shapes}")
 
 
 def _check_loadable(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:

@@ -7,6 +7,10 @@ A *structure* says how a weight tensor is cut into groups:
   neuron); the group lasso over dim 0.
 - ``"channel"``: group ``j`` is the slice ``t[:, j, ...]`` (a conv input channel, a linear input
   feature); the group lasso over dim 1.
+- ``"tied"``: filters tied across the tensors of one param group (layers whose output channels
+  a residual addition joins): group ``i`` is the union of the slices ``t[i, ...]`` of every
+  tensor in the group, with one norm ``sqrt(Σ_t ‖t[i, ...]‖²)`` (:func:`tied_prox`), so Γ
+  zeroes filter ``i`` in all of them at once. Read per tensor it is ``"filter"``.
 - ``None``: the tensor is not coupled to a structure parameter at all.
 
 The same helpers serve the optimizer (to compute Γ) and the path read-outs (to report which groups
@@ -20,6 +24,7 @@ import math
 import torch
 
 __all__ = [
+    "FILTER_STRUCTURES",
     "GROUP_SCALINGS",
     "STRUCTURES",
     "check_structure",
@@ -28,9 +33,12 @@ __all__ = [
     "group_size",
     "group_threshold",
     "prox",
+    "tied_prox",
 ]
 
-STRUCTURES: tuple[str | None, ...] = (None, "element", "filter", "channel")
+STRUCTURES: tuple[str | None, ...] = (None, "element", "filter", "channel", "tied")
+#: The structures whose groups are output filters (of one tensor, or tied across tensors).
+FILTER_STRUCTURES: tuple[str, ...] = ("filter", "tied")
 GROUP_SCALINGS: tuple[str, ...] = ("none", "sqrt_size")
 
 
@@ -38,9 +46,10 @@ def check_structure(structure: str | None, shape: torch.Size | tuple[int, ...]) 
     """Raise ``ValueError`` unless ``structure`` is known and fits a tensor of ``shape``."""
     if structure not in STRUCTURES:
         raise ValueError(
-            f"invalid structure: {structure!r} (expected 'filter', 'channel', 'element' or None)"
+            f"invalid structure: {structure!r} (expected 'filter', 'channel', 'element', 'tied' "
+            "or None)"
         )
-    if structure in ("filter", "channel") and len(shape) < 2:
+    if structure in ("filter", "channel", "tied") and len(shape) < 2:
         raise ValueError(
             f"invalid structure: {structure!r} needs a tensor with at least 2 dimensions, "
             f"got shape {tuple(shape)}; use 'element' or None for 1-D tensors"
@@ -49,7 +58,7 @@ def check_structure(structure: str | None, shape: torch.Size | tuple[int, ...]) 
 
 def group_axis(structure: str) -> int:
     """The dimension that indexes the groups of a group structure."""
-    if structure == "filter":
+    if structure in ("filter", "tied"):
         return 0
     if structure == "channel":
         return 1
@@ -118,3 +127,19 @@ def prox(
     if kappa != 1.0:
         factor.mul_(kappa)
     return torch.mul(v, factor, out=out)
+
+
+def tied_prox(vs: list[torch.Tensor], lam_g: float, kappa: float,
+              outs: list[torch.Tensor]) -> None:
+    """``kappa * prox`` of the group lasso whose group ``i`` is ``{v[i, ...] for v in vs}``:
+    every ``outs[t][i]`` is ``max(0, 1 − lam_g/n_i)·vs[t][i]`` with ``n_i² = Σ_t ‖vs[t][i]‖²``,
+    exactly zero in all tensors when ``n_i ≤ lam_g``."""
+    squares = sum(torch.linalg.vector_norm(v, dim=_reduce_dims("tied", v.dim())).square()
+                  for v in vs)
+    assert isinstance(squares, torch.Tensor)
+    n = squares.sqrt().clamp_min_(lam_g) if lam_g > 0 else squares.sqrt()
+    factor = (n - lam_g).div_(n) if lam_g > 0 else torch.ones_like(n)
+    if kappa != 1.0:
+        factor.mul_(kappa)
+    for v, out in zip(vs, outs, strict=True):
+        torch.mul(v, factor.view(-1, *[1] * (v.dim() - 1)), out=out)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from dessilbi.optim.proximal import FILTER_STRUCTURES
 from dessilbi.path_record import PICTURE_FILTERS, filter_picture
 from dessilbi.report.figures import SELECTED, UNSELECTED, spread
 from dessilbi.report.run_data import RunData
@@ -32,7 +33,8 @@ def filter_layer(run: RunData) -> str | None:
         return run.path.picture_layer
     for name in run.path.names:
         weight = (run.initial or {}).get(name)
-        if run.path.structure(name) == "filter" and weight is not None and weight.dim() == 4:
+        if run.path.structure(name) in FILTER_STRUCTURES and weight is not None and \
+                weight.dim() == 4:
             return name
     return None
 

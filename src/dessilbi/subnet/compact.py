@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from dessilbi.optim.proximal import FILTER_STRUCTURES
 from dessilbi.path import group_support
 from dessilbi.structure import unwrap_model
 from dessilbi.subnet.dependency import _torch_pruning, zero_pruned_filters
@@ -205,7 +206,7 @@ def _filter_support(model: nn.Module, optimizer: Optimizer) -> dict[str, torch.T
     structures = {n: g.get("structure") for g in optimizer.param_groups
                   for n in g.get("param_names", [])}
     return {n: s.cpu() for n, s in group_support(model, optimizer).items()
-            if structures.get(n, "filter") == "filter"}
+            if structures.get(n, "filter") in FILTER_STRUCTURES}
 
 
 def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torch.Tensor],

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dessilbi.optim.proximal import FILTER_STRUCTURES
 from dessilbi.path_record import PathRecord
 
 __all__ = [
@@ -100,7 +101,7 @@ def _filter_layers(record: PathRecord, epoch: int) -> list[str]:
     """The filter-structured layers coupled at ``epoch`` (channel groups are inputs, element
     groups single weights: neither removes a filter)."""
     return [n for n in record.names
-            if record.structure(n) == "filter" and any(record.group_shape(n, epoch))]
+            if record.structure(n) in FILTER_STRUCTURES and any(record.group_shape(n, epoch))]
 
 
 def _epoch(record: PathRecord, epoch: int | None) -> int:

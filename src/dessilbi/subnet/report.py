@@ -1,12 +1,12 @@
 """What compaction bought, per layer: channels, parameters and FLOPs, and CPU latency.
 
-FLOPs come from torch's ``FlopCounterMode`` (per module and in total); latency is the median of
-timed forward passes in eval mode, at batch 1 and 64, with one intra-op thread and with all.
+FLOPs come from torch's ``FlopCounterMode`` (per module and in total); latency is the fastest of
+timed forward passes in eval mode (the least disturbed by other work on a shared machine), at
+batch 1 and 64, with one intra-op thread and with all.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -47,9 +47,10 @@ def _threads(count: int | None) -> Any:
         torch.set_num_threads(before)
 
 
-def latency(model: nn.Module, inputs: torch.Tensor, threads: int | None, repeats: int = 10
+def latency(model: nn.Module, inputs: torch.Tensor, threads: int | None, repeats: int = 20
             ) -> float:
-    """Median seconds of a forward pass (eval mode, no autograd) after two warm-up passes."""
+    """Seconds of the fastest of ``repeats`` forward passes (eval mode, no autograd) after two
+    warm-up passes."""
     model.eval()
     times = []
     with _threads(threads), torch.inference_mode():
@@ -58,7 +59,7 @@ def latency(model: nn.Module, inputs: torch.Tensor, threads: int | None, repeats
             model(inputs)
             if k >= 2:
                 times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def compact_report(dense: nn.Module, compact_model: nn.Module, example_inputs: torch.Tensor,
