@@ -53,7 +53,10 @@ class DessiLBI(Optimizer):
 
     - ``"element"``: ``sign(V)·max(|V| − λ, 0)`` (lasso);
     - ``"filter"`` / ``"channel"``: ``max(0, 1 − λ_g/‖V_g‖)·V_g`` over the groups ``V[i, ...]`` /
-      ``V[:, j, ...]`` (group lasso), exactly zero when ``‖V_g‖ ≤ λ_g``.
+      ``V[:, j, ...]`` (group lasso), exactly zero when ``‖V_g‖ ≤ λ_g``;
+    - ``"tied"``: as ``"filter"``, with group ``i`` the filters ``V_t[i, ...]`` of every tensor
+      ``t`` of the param group together (one norm; all tensors need the same number of filters,
+      and a group steps all its tensors or none).
 
     State per parameter: ``"momentum_buffer"`` (when momentum > 0), and for coupled parameters
     ``"v"`` (V) and ``"gamma"`` (Γ), all tensors, so ``state_dict()`` restores a run exactly;
@@ -89,8 +92,8 @@ class DessiLBI(Optimizer):
         dampening: dampening of the momentum, in [0, 1].
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
         weight_decay: L2 penalty added to the loss gradient (≥ 0).
-        structure: ``None``, ``"element"``, ``"filter"`` or ``"channel"`` (default for groups
-            that don't set it).
+        structure: ``None``, ``"element"``, ``"filter"``, ``"channel"`` or ``"tied"`` (default
+            for groups that don't set it).
         group_scaling: ``"none"`` or ``"sqrt_size"``.
         foreach: use the multi-tensor path (default when None); False selects the per-tensor
             path, which reads like the algorithm above.
