@@ -92,3 +92,20 @@ def test_export_writes_onnx_that_onnxruntime_runs_at_any_batch(
             assert np.abs(got - model(x).numpy()).max() <= 1e-4
     assert main(["export", str(tmp_path / "nowhere")]) == 1
     assert "not a dessilbi run directory" in capsys.readouterr().err
+
+
+def test_prune_for_a_flops_budget_writes_a_compact_folder_per_mask(
+        source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", str(source), "--flops", "0.4", "--compact", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "(budget, epoch 3)" in printed
+    folders = sorted(p for p in source.iterdir() if p.name.startswith("compact-"))
+    assert len(folders) == 1 and (folders[0] / "compact.json").is_file()
+    run = load_run(source)
+    net = load_compact(folders[0], example_input(run))
+    assert layer_flops(net, example_input(run))[""] <= 0.4 * layer_flops(
+        run.model, example_input(run))[""]
+    assert main(["prune", str(source), "--flops", "0.6", "--compact", "--quiet"]) == 0
+    assert len([p for p in source.iterdir() if p.name.startswith("compact-")]) == 2
+    assert main(["prune", str(source), "--keep", "0.5", "--flops", "0.4"]) == 1
+    assert "exclude each other" in capsys.readouterr().err

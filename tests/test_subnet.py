@@ -184,3 +184,31 @@ def test_baseline_masks_and_the_mask_file(digits_run: Path, tmp_path: Path) -> N
         load_mask(file)
     with pytest.raises(MaskFileError, match="no mask file there"):
         load_mask(tmp_path / "missing.json")
+
+
+def test_a_flops_budget_picks_the_longest_fitting_prefix_of_the_path(digits_run: Path) -> None:
+    from dessilbi.runs import load_run
+    from dessilbi.subnet import compact
+    from dessilbi.subnet.budget import budget_mask, global_order
+    from dessilbi.subnet.report import layer_flops
+
+    record = load_path(digits_run / "path.pt")
+    model = load_run(digits_run).model
+    example = torch.zeros(1, 1, 8, 8)
+    dense = layer_flops(model, example)[""]
+    mask = budget_mask(record, model, example, flops=0.4 * dense)
+    small = compact(model, example, keep=mask.keep).model
+    assert layer_flops(small, example)[""] <= 0.4 * dense
+    order = global_order(record, record.epochs[-1])
+    count = mask.source["filters_in_order"]
+    assert 0 < count < len(order) and mask.kept >= count
+    # The prefix is maximal: one more filter in the path's order no longer fits.
+    bigger = {n: k.clone() for n, k in mask.keep.items()}
+    layer, filt = order[count]
+    bigger[layer][filt] = True
+    assert layer_flops(compact(model, example, keep=bigger).model, example)[""] > 0.4 * dense
+    # The first filters in the order are the earliest entered.
+    entered = [(n, g) for n, g in order if int(record.entry_step(n)[g]) >= 0]
+    assert order[: len(entered)] == entered
+    with pytest.raises(ValueError, match="no subnetwork with one filter per layer fits"):
+        budget_mask(record, model, example, params=10)

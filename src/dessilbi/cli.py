@@ -132,6 +132,11 @@ def _prune_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=float, metavar="RATIO",
                         help="keep this share of every layer's filters, in the path's order")
     parser.add_argument("--mask", type=Path, metavar="FILE", help="a mask file (mask.json)")
+    parser.add_argument("--flops", type=float, metavar="SHARE",
+                        help="the longest stretch of the path whose compact network has at "
+                        "most this share of the dense FLOPs (0.5: half)")
+    parser.add_argument("--params", type=float, metavar="SHARE",
+                        help="the same for the share of the parameters")
     parser.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
                         help="fine-tuning epochs (default: 0, no fine-tuning)")
     parser.add_argument("--optimizer", help="fine-tuning optimizer (default: the run's)")
@@ -250,9 +255,16 @@ def _prune(args: argparse.Namespace) -> int:
 def _prune_run(args: argparse.Namespace) -> int:
     from dessilbi.runs import load_run
     from dessilbi.subnet import compact
-    from dessilbi.subnet.prune import choose_mask, example_input, finetune, save_compact
+    from dessilbi.subnet.prune import (
+        choose_mask,
+        example_input,
+        finetune,
+        mask_hash,
+        save_compact,
+    )
 
-    mask = choose_mask(args.run_dir, epoch=args.epoch, keep=args.keep, mask_file=args.mask)
+    mask = choose_mask(args.run_dir, epoch=args.epoch, keep=args.keep, mask_file=args.mask,
+                       flops=args.flops, params=args.params)
     print(f"mask: {mask.kept} of {mask.total} filters kept ({mask.source.get('method')}, "
           f"epoch {mask.source.get('epoch', '-')})")
     target = args.run_dir
@@ -269,7 +281,9 @@ def _prune_run(args: argparse.Namespace) -> int:
         run = load_run(target)
         example = example_input(run)
         out = compact(run.model, example, keep=mask.keep)
-        folder = save_compact(out, run.architecture, mask, target / "compact")
+        # Beside the source run (no fine-tuning), one folder per mask: nothing is overwritten.
+        name = "compact" if target != args.run_dir else f"compact-{mask_hash(mask, {})}"
+        folder = save_compact(out, run.architecture, mask, target / name)
         from dessilbi.run_files import atomic_write_text
         from dessilbi.subnet.report import compact_report
 

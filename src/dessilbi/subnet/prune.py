@@ -29,7 +29,7 @@ from dessilbi.subnet.compact import CompactResult, compact
 from dessilbi.subnet.dependency import channel_masks, zero_pruned_filters
 from dessilbi.subnet.masks import FilterMask, load_mask, ordered_mask, support_mask
 
-__all__ = ["choose_mask", "example_input", "finetune", "load_compact", "save_compact"]
+__all__ = ["choose_mask", "example_input", "finetune", "load_compact", "mask_hash", "save_compact"]
 
 COMPACT_FORMAT = "dessilbi.compact"
 
@@ -43,19 +43,40 @@ def example_input(run: LoadedRun) -> torch.Tensor:
 
 
 def choose_mask(run_dir: str | os.PathLike[str], *, epoch: int | None = None,
-                keep: float | None = None, mask_file: str | os.PathLike[str] | None = None
-                ) -> FilterMask:
+                keep: float | None = None, mask_file: str | os.PathLike[str] | None = None,
+                flops: float | None = None, params: float | None = None) -> FilterMask:
     """A run's mask: ``mask_file``; else the paper's order filled to ``keep`` at ``epoch``;
-    else Γ's support at ``epoch`` (default: the last recorded epoch)."""
+    else the longest stretch of the path whose compact network has at most the share
+    ``flops`` of the dense FLOPs and ``params`` of its parameters; else Γ's support at
+    ``epoch`` (default: the last recorded epoch)."""
+    others = (keep, epoch, flops, params)
+    if mask_file is not None and any(x is not None for x in others):
+        raise ValueError("--mask gives the mask itself; leave out --keep, --epoch and budgets")
     if mask_file is not None:
-        if keep is not None or epoch is not None:
-            raise ValueError("--mask gives the mask itself; leave out --keep and --epoch")
         return load_mask(mask_file)
+    if keep is not None and (flops is not None or params is not None):
+        raise ValueError("--keep and a budget (--flops, --params) exclude each other")
     record = load_path(Path(run_dir) / "path.pt")
+    if flops is not None or params is not None:
+        return _budget(run_dir, record, epoch, flops, params)
     return support_mask(record, epoch) if keep is None else ordered_mask(record, keep, epoch)
 
 
-def _mask_hash(mask: FilterMask, overrides: dict[str, Any]) -> str:
+def _budget(run_dir: str | os.PathLike[str], record: Any, epoch: int | None,
+            flops: float | None, params: float | None) -> FilterMask:
+    from dessilbi.subnet.budget import budget_mask
+    from dessilbi.subnet.report import layer_flops
+
+    run = load_run(run_dir)
+    example = example_input(run)
+    total_params = sum(p.numel() for p in run.model.parameters())
+    total_flops = layer_flops(run.model, example)[""]
+    return budget_mask(record, run.model, example, epoch=epoch,
+                       flops=None if flops is None else flops * total_flops,
+                       params=None if params is None else params * total_params)
+
+
+def mask_hash(mask: FilterMask, overrides: dict[str, Any]) -> str:
     """6 hex digits of the kept filters and the fine-tuning overrides: another mask or another
     lr is another run directory."""
     blob = json.dumps({"keep": {n: k.nonzero().view(-1).tolist() for n, k in mask.keep.items()},
@@ -85,7 +106,7 @@ def finetune(run_dir: str | os.PathLike[str], mask: FilterMask, epochs: int,
               "selection_start": None, "schedule_epochs": None, "run_name": None,
               "out": str(source.run_dir.parent), **overrides}
     if values["run_name"] is None:
-        values["run_name"] = (f"{source.run_dir.name}-prune-{_mask_hash(mask, overrides)}-"
+        values["run_name"] = (f"{source.run_dir.name}-prune-{mask_hash(mask, overrides)}-"
                               f"{values['optimizer']}-e{epochs}")
     config = load_config(None, values)
     out_dir = Path(config.out) / config.run_directory_name()
