@@ -21,7 +21,7 @@ from dessilbi.distributed import DistInfo
 from dessilbi.numerics import autocast_factory, input_preparer
 from dessilbi.path_record import PathRecord, load_path
 from dessilbi.runs import load_run
-from dessilbi.subnet import zero_pruned_filters
+from dessilbi.subnet import l1_mask, random_mask, zero_pruned_filters
 
 TARGETS = (0.7, 0.5)
 RANDOM_SEEDS = (0, 1, 2)
@@ -37,27 +37,6 @@ def target_epochs(record: PathRecord, available: set[int]) -> dict[float, int]:
     """For each target fraction, the recorded epoch (with saved weights) closest to it."""
     epochs = [e for e in record.epochs if e in available]
     return {t: min(epochs, key=lambda e: abs(selected_fraction(record, e) - t)) for t in TARGETS}
-
-
-def l1_masks(weights: dict[str, torch.Tensor], counts: dict[str, int]) -> Masks:
-    """The ``counts[layer]`` filters of largest L1 norm of each layer."""
-    out = {}
-    for name, k in counts.items():
-        norms = weights[name].float().abs().flatten(1).sum(1)
-        keep = torch.zeros(norms.numel(), dtype=torch.bool)
-        keep[norms.argsort(descending=True)[:k]] = True
-        out[name] = keep
-    return out
-
-
-def random_masks(counts: dict[str, int], sizes: dict[str, int], seed: int) -> Masks:
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, k in counts.items():
-        keep = torch.zeros(sizes[name], dtype=torch.bool)
-        keep[torch.randperm(sizes[name], generator=gen)[:k]] = True
-        out[name] = keep
-    return out
 
 
 RECALIBRATION_IMAGES = 2048
@@ -117,7 +96,7 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
     support = {n: record.support(n, epoch) for n in record.names}
     counts = {n: int(s.sum()) for n, s in support.items()}
     sizes = {n: s.numel() for n, s in support.items()}
-    randoms = [accuracy(weights, random_masks(counts, sizes, seed), recalibrate)
+    randoms = [accuracy(weights, random_mask(sizes, counts, seed).keep, recalibrate)
                for seed in RANDOM_SEEDS]
     return {
         "epoch": epoch,
@@ -125,7 +104,7 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
         "selected": [sum(counts.values()), sum(sizes.values())],
         "dense": accuracy(weights, None, recalibrate),
         "dessilbi": accuracy(weights, support, recalibrate),
-        "l1": accuracy(weights, l1_masks(weights, counts), recalibrate),
+        "l1": accuracy(weights, l1_mask(weights, counts).keep, recalibrate),
         "random": statistics.mean(randoms),
         "random_each": randoms,
         "per_layer": counts,
