@@ -17,7 +17,8 @@ EXPECTED_CONFIGS = {
     "digits", "mnist_lenet5", "mnist_lenet5_sparse", "cifar10_vgg16_bn", "cifar10_resnet20",
     "cifar10_resnet56", "imagenet_resnet18", "cifar10_resnet56_ticket_group",
     "cifar10_vgg16_bn_ticket_group", "cifar10_resnet50_ticket_lasso",
-    "cifar10_vgg16_bn_ticket_lasso", "mnist_lenet5_figure1",
+    "cifar10_vgg16_bn_ticket_lasso", "mnist_lenet5_figure1", "cifar10_resnet20_selective",
+    "cifar10_vgg16_bn_selective", "mnist_lenet5_selective",
 }
 
 

@@ -111,7 +111,7 @@ def test_results_without_a_checkpoint_are_not_overwritten(tmp_path: Path) -> Non
 def test_error_messages_name_the_option_and_the_closest_one() -> None:
     bad_structure = _cli("--conv-structure", "foo", "--epochs", "1", "--out", "/nonexistent")
     assert bad_structure.returncode == 1
-    assert ("invalid conv_structure: 'foo' (expected filter, channel, element or none)"
+    assert ("invalid conv_structure: 'foo' (expected filter, tied, channel, element or none)"
             in bad_structure.stderr)
     typo = _cli("--nuu", "20", "--out", "/nonexistent")
     assert typo.returncode == 2
