@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,22 @@ def add_common_arguments(
     parser.add_argument("--out", type=Path, default=Path(out))
 
 
-def advance(config: Any) -> list[dict[str, Any]]:
-    """Train the run of ``config`` up to its ``epochs`` (resumed; a run already there is only
-    read back) and return its per-epoch records."""
-    run_dir = Path(config.out) / config.run_directory_name()
+def advance(config: Any, callbacks: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Train the run of ``config`` up to its ``epochs`` (resumed, with the same ``callbacks``;
+    a run already there is only read back) and return its per-epoch records."""
+    run_dir = run_directory(config)
     if (run_dir / "checkpoint.pt").exists():
         history = read_history(run_dir)
         if len(history) >= config.epochs:
             return history[: config.epochs]
-        return read_history(train(config, quiet=True, resume_dir=run_dir).run_dir)
-    return read_history(train(config, quiet=True).run_dir)
+        return read_history(train(config, quiet=True, resume_dir=run_dir,
+                                  callbacks=callbacks).run_dir)
+    return read_history(train(config, quiet=True, callbacks=callbacks).run_dir)
+
+
+def run_directory(config: Any) -> Path:
+    """Where the run of ``config`` lives."""
+    return Path(config.out) / config.run_directory_name()
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _runs import read_history
+from _runs import advance, run_directory
 from dessilbi.callbacks import Callback
 from dessilbi.config import TrainConfig, load_config
 from dessilbi.run_files import atomic_save
 from dessilbi.run_state import TrainingRun
-from dessilbi.train import train
 
 RUNS = {"dessilbi": {}, "sgd": {"optimizer": "sgd"}}
 
@@ -56,13 +55,8 @@ def run_config(name: str, args: argparse.Namespace) -> TrainConfig:
 
 def train_run(name: str, args: argparse.Namespace) -> Path:
     config = run_config(name, args)
-    run_dir = Path(config.out) / config.run_directory_name()
-    callbacks = [EpochWeights()] if name == "dessilbi" else []
-    if (run_dir / "checkpoint.pt").exists():
-        if len(read_history(run_dir)) >= config.epochs:
-            return run_dir
-        return train(config, quiet=True, resume_dir=run_dir, callbacks=callbacks).run_dir
-    return train(config, quiet=True, callbacks=callbacks).run_dir
+    advance(config, [EpochWeights()] if name == "dessilbi" else [])
+    return run_directory(config)
 
 
 def main() -> None:

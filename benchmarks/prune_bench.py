@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from _runs import fmt, read_history
+from _runs import advance, fmt, run_directory
 from dessilbi.config import TrainConfig, load_config
 from dessilbi.path_record import load_path
 from dessilbi.runs import load_run
@@ -47,7 +47,6 @@ from dessilbi.subnet import (
 )
 from dessilbi.subnet.prune import example_input, finetune
 from dessilbi.subnet.report import latency, layer_flops
-from dessilbi.train import train
 from selective_compare import _evaluator
 
 RATIOS = (0.7, 0.5, 0.3)
@@ -69,11 +68,8 @@ def source_configs(task: str, args: argparse.Namespace) -> dict[str, TrainConfig
 
 
 def ensure_trained(config: TrainConfig) -> Path:
-    run_dir = Path(config.out) / config.run_directory_name()
-    resume = run_dir if (run_dir / "checkpoint.pt").is_file() else None
-    if resume is not None and len(read_history(run_dir)) >= config.epochs:
-        return run_dir  # finished (perhaps with callbacks of its own benchmark)
-    return train(config, resume_dir=resume, quiet=True).run_dir
+    advance(config)  # a finished run (perhaps with callbacks of its own benchmark) is only read
+    return run_directory(config)
 
 
 def make_mask(method: str, ratio: float, runs: dict[str, Path]) -> FilterMask:

@@ -27,6 +27,7 @@ __all__ = [
     "input_normalization",
     "TrainBatches",
     "evaluate",
+    "example_input",
     "load_run_data",
     "stream_seed",
     "training_augment",
@@ -146,6 +147,12 @@ def training_augment(config: TrainConfig, info: DatasetInfo, lazy: bool) -> Batc
     padding = info.crop_padding if config.crop_padding is None else config.crop_padding
     flip = info.flip if config.flip is None else config.flip
     return BatchAugment(*_mean_std(config, info), padding, flip)
+
+
+def example_input(config: TrainConfig) -> torch.Tensor:
+    """One zero image of the config's data set (what a dependency graph is traced with)."""
+    info = dataset_info(config.dataset, config.data_dir)
+    return torch.zeros(1, info.in_channels, *info.image_size)
 
 
 def load_run_data(config: TrainConfig, dist_info: DistInfo) -> tuple[AnyDataset, AnyDataset]:

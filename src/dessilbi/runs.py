@@ -129,18 +129,18 @@ def load_run(
 def _prune_unselected(model: nn.Module, record: PathRecord, epoch: int,
                       config: TrainConfig) -> None:
     """Zero the biases and norm affine of the filters unselected at ``epoch`` as well."""
-    from dessilbi.data import DatasetError, dataset_info
+    from dessilbi.batches import example_input
+    from dessilbi.data import DatasetError
     from dessilbi.subnet import zero_pruned_filters
 
     keep = {name: record.support(name, epoch) for name in record.names
             if record.structure(name) in FILTER_STRUCTURES
             and any(record.group_shape(name, epoch))}
     try:
-        info = dataset_info(config.dataset, config.data_dir)
+        example = example_input(config)
     except DatasetError as exc:
         raise ValueError(f"the pruned network needs the input shape of {config.dataset}: "
                          f"{exc}") from exc
-    example = torch.zeros(1, info.in_channels, *info.image_size)
     zero_pruned_filters(model, keep, example)
 
 

@@ -43,6 +43,7 @@ from dessilbi.batches import (
     AnyDataset,
     TrainBatches,
     evaluate,
+    example_input,
     input_normalization,
     load_run_data,
     training_augment,
@@ -138,9 +139,7 @@ def _tied_groups(config: TrainConfig, model: nn.Module, groups: list[dict[str, A
     addition ties (torch-pruning's dependency graph, traced on one zero image)."""
     from dessilbi.subnet.tied import tie_filter_groups
 
-    info = dataset_info(config.dataset, config.data_dir)
-    example = torch.zeros(1, info.in_channels, *info.image_size)
-    return tie_filter_groups(groups, unwrap_model(model), example)
+    return tie_filter_groups(groups, unwrap_model(model), example_input(config))
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:

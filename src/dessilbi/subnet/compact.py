@@ -28,12 +28,14 @@ from torch.optim import Optimizer
 from dessilbi.optim.proximal import FILTER_STRUCTURES
 from dessilbi.path import group_support
 from dessilbi.structure import unwrap_model
-from dessilbi.subnet.dependency import _torch_pruning, zero_pruned_filters
+from dessilbi.subnet.dependency import (
+    LAYER_TYPES,
+    dependency_graph,
+    is_depthwise,
+    zero_pruned_filters,
+)
 
 __all__ = ["CompactResult", "compact"]
-
-_OWNERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
 
 @dataclass
 class CompactResult:
@@ -111,11 +113,6 @@ def _state_by_name(model: nn.Module, optimizer: Optimizer | None) -> dict[str, d
             if p in optimizer.state and id(p) in names}
 
 
-def _depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d) and module.groups > 1 and \
-        module.groups == module.in_channels == module.out_channels
-
-
 @torch.no_grad()
 def _input_magnitudes(net: nn.Module, inputs: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per conv / linear module (by id): the largest |input| of each input feature over one
@@ -129,7 +126,7 @@ def _input_magnitudes(net: nn.Module, inputs: torch.Tensor) -> dict[int, torch.T
         seen[id(module)] = x.amax(dim=dims).float().cpu()
 
     handles = [m.register_forward_pre_hook(hook) for m in net.modules()
-               if isinstance(m, _OWNERS)]
+               if isinstance(m, LAYER_TYPES)]
     try:
         net.eval()(inputs)
     finally:
@@ -149,10 +146,10 @@ def _removable(graph: Any, group: Any, keep_now: Mapping[str, torch.Tensor],
     read = False
     for dep, idxs in group:
         module = dep.target.module
-        if not isinstance(module, _OWNERS):
+        if not isinstance(module, LAYER_TYPES):
             continue
         if graph.is_out_channel_pruning_fn(dep.handler):
-            if _depthwise(module):
+            if is_depthwise(module):
                 continue  # its channels are its input's: they go with the layer that feeds it
             kept = keep_now.get(f"{names.get(id(module), '?')}.weight")
             if kept is None or len(idxs) != count:
@@ -186,7 +183,6 @@ def compact(model: nn.Module, example_inputs: torch.Tensor, optimizer: Optimizer
     Raises:
         ValueError: no ``keep`` and no optimizer to read Γ from, or a bad mask.
     """
-    tp = _torch_pruning()
     model = unwrap_model(model)
     if keep is None:
         if optimizer is None:
@@ -197,7 +193,7 @@ def compact(model: nn.Module, example_inputs: torch.Tensor, optimizer: Optimizer
     zero_pruned_filters(net, keep, example_inputs)
     shapes = {n: p.shape for n, p in net.named_parameters()}
     tracker = _Tracker(net, state)
-    removed = _prune(net, example_inputs, keep, tracker, tp)
+    removed = _prune(net, example_inputs, keep, tracker)
     new_optimizer = None if optimizer is None else _rebuilt(optimizer, model, net, tracker)
     return CompactResult(net, new_optimizer, removed, tracker.kept_entries(shapes))
 
@@ -210,10 +206,8 @@ def _filter_support(model: nn.Module, optimizer: Optimizer) -> dict[str, torch.T
 
 
 def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torch.Tensor],
-           tracker: _Tracker, tp: Any) -> dict[str, list[int]]:
-    with torch.enable_grad():  # the graph is read off autograd's
-        graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_inputs,
-                                                      verbose=False)
+           tracker: _Tracker) -> dict[str, list[int]]:
+    graph, _ = dependency_graph(net, example_inputs)
     modules = dict(net.named_modules())
     names = {id(m): n for n, m in modules.items()}
     keep_now = {n: k.detach().cpu().bool().clone() for n, k in keep.items()}
@@ -222,6 +216,7 @@ def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torc
                         ).to(example_inputs)
     origin_of = {n: torch.arange(k.numel()) for n, k in keep_now.items()}
     removed: dict[str, list[int]] = {n: [] for n in keep}
+    inputs: dict[int, torch.Tensor] | None = None
     for weight in keep:
         module = modules[weight.rpartition(".")[0]]
         pruned = (~keep_now[weight]).nonzero().view(-1).tolist()
@@ -229,7 +224,8 @@ def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torc
             continue
         out_fn = graph.get_pruner_of_module(module).prune_out_channels
         group = graph.get_pruning_group(module, out_fn, idxs=pruned)
-        inputs = _input_magnitudes(net, probe)
+        if inputs is None:  # measured again only after a prune changed the network
+            inputs = _input_magnitudes(net, probe)
         positions = _removable(graph, group, keep_now, names, len(pruned), inputs)
         if not positions:
             continue
@@ -243,12 +239,11 @@ def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torc
             for k, _ in m.named_parameters(recurse=False):
                 idxs_of[f"{names[id(m)]}.{k}" if names[id(m)] else k] = idxs
         group.prune()
+        inputs = None
         tracker.removed(before, idxs_of)
         for m, idxs in items:  # the owners' masks and origins follow their channels
             owner = f"{names.get(id(m), '?')}.weight"
-            if owner in keep_now and isinstance(m, _OWNERS) and \
-                    graph.is_out_channel_pruning_fn(graph.get_pruner_of_module(m)
-                                                    .prune_out_channels) and \
+            if owner in keep_now and isinstance(m, LAYER_TYPES) and \
                     keep_now[owner].numel() - len(idxs) == m.weight.shape[0]:
                 left = torch.ones(keep_now[owner].numel(), dtype=torch.bool)
                 left[idxs] = False

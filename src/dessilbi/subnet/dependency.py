@@ -19,10 +19,19 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["channel_followers", "channel_masks", "filter_norms", "zero_pruned_filters"]
+__all__ = [
+    "LAYER_TYPES",
+    "channel_followers",
+    "channel_masks",
+    "dependency_graph",
+    "filter_norms",
+    "is_depthwise",
+    "zero_pruned_filters",
+]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: The layers whose output channels are filters (what masks, compaction and ties are about).
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _torch_pruning():  # type: ignore[no-untyped-def]
@@ -33,7 +42,7 @@ def _torch_pruning():  # type: ignore[no-untyped-def]
     return torch_pruning
 
 
-def _graph(model: nn.Module, example_inputs: torch.Tensor):  # type: ignore[no-untyped-def]
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):  # type: ignore[no-untyped-def]
     """torch-pruning's dependency graph of ``model``, traced in eval mode (batch-norm statistics
     untouched)."""
     tp = _torch_pruning()
@@ -52,11 +61,11 @@ def channel_followers(model: nn.Module, example_inputs: torch.Tensor) -> dict[st
     are its own: affine norm layers and depthwise convolutions reached through operations of
     one input (activations, pooling), up to the first addition, concatenation or other layer.
     """
-    graph, tp = _graph(model, example_inputs)
+    graph, tp = dependency_graph(model, example_inputs)
     names = {module: name for name, module in model.named_modules()}
     found = {}
     for module, node in graph.module2node.items():
-        if isinstance(module, _LAYERS) and module in names:
+        if isinstance(module, LAYER_TYPES) and module in names:
             followers = [names[m] for m in _followers(node, tp.ops.OPTYPE) if m in names]
             if followers:
                 found[f"{names[module]}.weight"] = followers
@@ -74,8 +83,9 @@ def filter_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, st
     return out
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, _LAYERS[:3]) and 1 < module.groups == module.in_channels == \
+def is_depthwise(module: nn.Module) -> bool:
+    """A convolution whose every channel is its own group (its channels are its input's)."""
+    return isinstance(module, LAYER_TYPES[:3]) and 1 < module.groups == module.in_channels == \
         module.out_channels
 
 
@@ -94,7 +104,7 @@ def _followers(node, optype) -> list[nn.Module]:  # type: ignore[no-untyped-def]
             if not getattr(module, "affine", True):
                 break
             found.append(module)
-        elif _is_depthwise(module):
+        elif is_depthwise(module):
             found.append(module)
         elif nxt.type != optype.ELEMENTWISE:
             break  # another layer

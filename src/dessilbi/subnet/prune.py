@@ -36,10 +36,9 @@ COMPACT_FORMAT = "dessilbi.compact"
 
 def example_input(run: LoadedRun) -> torch.Tensor:
     """One zero image of the run's data set (what the dependency graph is traced with)."""
-    from dessilbi.data import dataset_info
+    from dessilbi.batches import example_input as config_example
 
-    info = dataset_info(run.config.dataset, run.config.data_dir)
-    return torch.zeros(1, info.in_channels, *info.image_size)
+    return config_example(run.config)
 
 
 def choose_mask(run_dir: str | os.PathLike[str], *, epoch: int | None = None,

@@ -17,18 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dessilbi.subnet.dependency import _graph, _is_depthwise
+from dessilbi.subnet.dependency import LAYER_TYPES, dependency_graph, is_depthwise
 
 __all__ = ["tie_filter_groups", "tied_sets"]
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
 
 def tied_sets(model: nn.Module, example_inputs: torch.Tensor, names: Sequence[str]
               ) -> list[list[str]]:
     """Partition the weights ``names`` (conv / linear, by parameter name) into sets whose
     output channels are tied; singletons for untied layers; in the order of ``names``."""
-    graph, _ = _graph(model, example_inputs)
+    graph, _ = dependency_graph(model, example_inputs)
     modules = dict(model.named_modules())
     module_names = {id(m): n for n, m in modules.items()}
     wanted = set(names)
@@ -45,9 +42,10 @@ def tied_sets(model: nn.Module, example_inputs: torch.Tensor, names: Sequence[st
         out_fn = graph.get_pruner_of_module(module).prune_out_channels
         for dep, _ in graph.get_pruning_group(module, out_fn, idxs=[0]):
             other = dep.target.module
-            if not (isinstance(other, _LAYERS) and graph.is_out_channel_pruning_fn(dep.handler)):
+            owner = isinstance(other, LAYER_TYPES) and graph.is_out_channel_pruning_fn(dep.handler)
+            if not owner:
                 continue
-            if _is_depthwise(other):
+            if is_depthwise(other):
                 continue
             weight = f"{module_names.get(id(other), '?')}.weight"
             if weight in wanted:
