@@ -1,23 +1,28 @@
-"""A selective DessiLBI path for ResNet-20 on CIFAR-10, and whether its support is data-driven.
+"""A selective DessiLBI path on CIFAR-10 (ResNet-20, VGG-16-BN), and whether it is data-driven.
 
-Usage (from the repository root; the two training runs can go in parallel, one per core)::
+Usage (from the repository root; the training runs can go in parallel, one per core)::
 
-    .venv/bin/python benchmarks/cifar_selective.py train --only dessilbi
+    .venv/bin/python benchmarks/cifar_selective.py train --only bn
     .venv/bin/python benchmarks/cifar_selective.py train --only sgd
-    .venv/bin/python benchmarks/cifar_selective.py compare
+    .venv/bin/python benchmarks/cifar_selective.py compare --variant bn
+    .venv/bin/python benchmarks/cifar_selective.py train --model vgg16_bn --train-subset 10000 \
+        --epochs 15 --only bn sgd
 
-``train`` runs the shipped ``cifar10_resnet20_selective`` config (``selection_start``: every
-conv layer starts selecting in one epoch, λ calibrated per layer; classifier uncoupled) and SGD
-with the same budget and schedule, bf16 autocast + channels-last on CPU, saving DessiLBI's
-weights after every epoch (``weights/epoch_NNN.pt`` in its run directory). A finished run is
-only read back; an interrupted one resumes.
+``train`` runs the shipped ``cifar10_<model>_selective`` config (``selection_start``: every
+coupled layer starts selecting in one epoch, λ calibrated per layer; classifier uncoupled) in
+two variants, and SGD with the same budget and schedule, bf16 autocast + channels-last on CPU,
+saving the DessiLBI runs' weights after every epoch (``weights/epoch_NNN.pt`` in the run
+directory). The variants: ``dessilbi`` couples Γ to the conv filters, ``bn`` to the batch-norm
+scales (one group per channel, the convs uncoupled). A finished run is only read back; an
+interrupted one resumes.
 
-``compare`` takes the epochs at which Γ's support holds about 70 % and 50 % of the conv filters
+``compare`` takes the epochs at which Γ's support holds about 70 % and 50 % of the channels
 and evaluates, from the weights of that epoch and without any fine-tuning, the pruned network
-(unselected filters, their biases and batch-norm affine zeroed) for three masks with the same
-per-layer counts: DessiLBI's support, the largest-L1-norm filters of the same weights, and
-seeded random filters (mean of three seeds). Results go to ``benchmarks/results/`` (markdown and
-JSON), with the per-epoch selection per layer.
+(unselected filters, their biases and batch-norm affine zeroed) for masks with the same
+per-layer counts: DessiLBI's support, the largest-L1-norm filters of the same weights, the
+largest batch-norm scales |γ| (network slimming's criterion) and seeded random filters (mean of
+three seeds). Results go to ``benchmarks/results/`` (markdown and JSON), with the per-epoch
+selection per layer.
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ from dessilbi.config import TrainConfig, load_config
 from dessilbi.run_files import atomic_save
 from dessilbi.run_state import TrainingRun
 
-RUNS = {"dessilbi": {}, "sgd": {"optimizer": "sgd"}}
+RUNS = {
+    "dessilbi": {},
+    "sgd": {"optimizer": "sgd"},
+    # Γ on the batch-norm scales instead of the filters: one group per channel.
+    "bn": {"conv_structure": None, "norm_structure": "element"},
+}
 
 
 class EpochWeights(Callback):
@@ -46,16 +56,19 @@ class EpochWeights(Callback):
 
 
 def run_config(name: str, args: argparse.Namespace) -> TrainConfig:
-    return load_config("cifar10_resnet20_selective", {
+    subset = f"-n{args.train_subset}" if args.train_subset else ""
+    model = args.model.replace("_", "-")
+    return load_config(f"cifar10_{args.model}_selective", {
         **RUNS[name], "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
         "threads": args.threads, "device": "cpu", "out": args.runs_dir,
-        "run_name": f"cifar10-resnet20-selective-{name}-e{args.epochs}-s{args.seed}",
+        "train_subset": args.train_subset,
+        "run_name": f"cifar10-{model}-selective-{name}-e{args.epochs}-s{args.seed}{subset}",
     })
 
 
 def train_run(name: str, args: argparse.Namespace) -> Path:
     config = run_config(name, args)
-    advance(config, [EpochWeights()] if name == "dessilbi" else [])
+    advance(config, [EpochWeights()] if name != "sgd" else [])
     return run_directory(config)
 
 
@@ -63,13 +76,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("phase", choices=("train", "compare"))
     parser.add_argument("--only", choices=tuple(RUNS), nargs="*", default=list(RUNS))
+    parser.add_argument("--model", choices=("resnet20", "vgg16_bn"), default="resnet20")
+    parser.add_argument("--variant", choices=("dessilbi", "bn"), default="bn",
+                        help="the DessiLBI run that compare reads")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="train on this many images (a seeded subset)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg")
     parser.add_argument("--runs-dir", default="runs/bench-selective")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar_selective.md"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/cifar_selective[_<model>][_<variant>].md")
     args = parser.parse_args()
+    if args.out is None:
+        parts = ["cifar_selective"] + ([args.model] if args.model != "resnet20" else []) + \
+            ([args.variant] if args.variant != "dessilbi" else [])
+        args.out = Path("benchmarks/results") / ("_".join(parts) + ".md")
     if args.phase == "train":
         for name in args.only:
             print(f"{name}: {train_run(name, args)}", flush=True)

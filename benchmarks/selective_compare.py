@@ -14,14 +14,15 @@ from typing import Any
 import torch
 
 from _runs import fmt, read_history
-from dessilbi.batches import evaluate, input_normalization, load_run_data
+from dessilbi.batches import evaluate, example_input, input_normalization, load_run_data
 from dessilbi.config import TrainConfig
 from dessilbi.data import dataset_info
 from dessilbi.distributed import DistInfo
 from dessilbi.numerics import autocast_factory, input_preparer
 from dessilbi.path_record import PathRecord, load_path
 from dessilbi.runs import load_run
-from dessilbi.subnet import l1_mask, random_mask, zero_pruned_filters
+from dessilbi.subnet import filter_norms, l1_mask, random_mask, zero_pruned_filters
+from dessilbi.subnet.dependency import on_filters
 
 TARGETS = (0.7, 0.5)
 RANDOM_SEEDS = (0, 1, 2)
@@ -89,11 +90,22 @@ def _evaluator(run_dir: Path) -> Evaluator:
     return accuracy
 
 
+def slimming_mask(weights: Masks, norms: dict[str, str], counts: dict[str, int]) -> Masks:
+    """Per conv, its ``counts`` channels of largest batch-norm scale |γ| (network slimming's
+    criterion), keyed by the conv."""
+    by_norm = l1_mask(weights, {f"{norms[c]}.weight": k for c, k in counts.items()}).keep
+    return {conv: by_norm[f"{norms[conv]}.weight"] for conv in counts}
+
+
 def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: Evaluator,
                       recalibrate: bool) -> dict[str, Any]:
     weights = torch.load(run_dir / "weights" / f"epoch_{epoch:03d}.pt", map_location="cpu",
                          weights_only=True)
-    support = {n: record.support(n, epoch) for n in record.names}
+    loaded = load_run(run_dir)
+    model, example = loaded.model, example_input(loaded.config)
+    # Γ on conv filters or on batch-norm scales: either way, masks of the convs' filters.
+    support = on_filters(model, {n: record.support(n, epoch) for n in record.names}, example)
+    norms = filter_norms(model, example)
     counts = {n: int(s.sum()) for n, s in support.items()}
     sizes = {n: s.numel() for n, s in support.items()}
     randoms = [accuracy(weights, random_mask(sizes, counts, seed).keep, recalibrate)
@@ -105,6 +117,7 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
         "dense": accuracy(weights, None, recalibrate),
         "dessilbi": accuracy(weights, support, recalibrate),
         "l1": accuracy(weights, l1_mask(weights, counts).keep, recalibrate),
+        "slimming": accuracy(weights, slimming_mask(weights, norms, counts), recalibrate),
         "random": statistics.mean(randoms),
         "random_each": randoms,
         "per_layer": counts,
@@ -114,7 +127,8 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
 def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namespace],
                                                              TrainConfig]) -> None:
     runs = {name: Path(run_config(name, args).out) / run_config(name, args).run_directory_name()
-            for name in ("dessilbi", "sgd")}
+            for name in (args.variant, "sgd")}
+    runs["dessilbi"] = runs.pop(args.variant)
     record = load_path(runs["dessilbi"] / "path.pt")
     available = {int(p.stem.split("_")[1]) for p in (runs["dessilbi"] / "weights").glob("*.pt")}
     accuracy = _evaluator(runs["dessilbi"])
@@ -130,23 +144,36 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
     print(text)
 
 
+_COUPLING = {
+    "dessilbi": "filter groups on every conv",
+    "bn": "Γ on the batch-norm scales (one group per channel; convs uncoupled)",
+}
+
+
 def write_markdown(args: argparse.Namespace, record: PathRecord,
                    hists: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]]) -> str:
     lbi, sgd = hists["dessilbi"], hists["sgd"]
+    config = f"cifar10_{args.model}_selective"
+    subset = f"a seeded subset of {args.train_subset} training images" if args.train_subset \
+        else "all 50,000 training images"
+    flags = f" --model {args.model}" if args.model != "resnet20" else ""
+    flags += f" --train-subset {args.train_subset}" if args.train_subset else ""
+    flags += f" --epochs {args.epochs}" if args.epochs != 20 else ""
     lines = [
-        "# A selective path on CIFAR-10: ResNet-20, `cifar10_resnet20_selective`",
+        f"# A selective path on CIFAR-10: {args.model}, `{config}`, variant `{args.variant}`",
         "",
-        f"{len(lbi)} epochs (DessiLBI) and {len(sgd)} (SGD) of {args.epochs}, cosine lr 0.1, "
-        "batch 64, Nesterov 0.9, wd 1e-4, crop + flip, CIFAR-10 JPEG copy, bf16 autocast + "
-        f"channels-last on CPU ({args.threads} thread(s), torch {torch.__version__}, "
-        f"{platform.machine()}). DessiLBI: ν 100, κ 1, filter groups on every conv, classifier "
-        "uncoupled, `selection_start: 4` (λ per layer calibrated over epoch 1). SGD: the same "
-        "config with `optimizer: sgd`.",
+        f"{len(lbi)} epochs (DessiLBI) and {len(sgd)} (SGD) of {args.epochs} on {subset} "
+        "(the test set whole), cosine lr 0.1, batch 64, Nesterov 0.9, wd 1e-4, crop + flip, "
+        "CIFAR-10 JPEG copy, bf16 autocast + channels-last on CPU "
+        f"({args.threads} thread(s), torch {torch.__version__}, {platform.machine()}). "
+        f"DessiLBI: ν 100, κ 1, {_COUPLING[args.variant]}, classifier uncoupled, "
+        "`selection_start: 4` (λ per layer calibrated over epoch 1). SGD: the same config with "
+        "`optimizer: sgd`.",
         "",
-        "Produced by `.venv/bin/python benchmarks/cifar_selective.py train --only dessilbi`, "
-        "`... train --only sgd` and `... compare`.",
+        f"Produced by `.venv/bin/python benchmarks/cifar_selective.py train{flags} --only "
+        f"{args.variant} sgd` and `... compare{flags} --variant {args.variant}`.",
         "",
-        "| run | dense W (%) | sparse W̃ (%) | selected conv filters |",
+        "| run | dense W (%) | sparse W̃ (%) | selected channels |",
         "|---|---|---|---|",
         f"| SGD | {fmt(sgd[-1]['test_acc'])} | – | – |",
         f"| DessiLBI | {fmt(lbi[-1]['test_acc'])} | {fmt(lbi[-1]['test_acc_sparse'])} | "
@@ -154,27 +181,30 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         "",
         "## Pruned networks, no fine-tuning",
         "",
-        "At the epochs where Γ's support holds about 70 % and 50 % of the conv filters: test "
+        "At the epochs where Γ's support holds about 70 % and 50 % of the channels: test "
         "accuracy (%) of the network of that epoch's weights with the unselected filters, their "
         "biases and batch-norm affine zeroed, for DessiLBI's support and for masks of the same "
-        "per-layer counts: the largest-L1-norm filters of the same weights, and random filters "
-        f"(mean of seeds {', '.join(map(str, RANDOM_SEEDS))}).",
+        "per-layer counts: the largest-L1-norm filters of the same weights, the largest "
+        "batch-norm scales |γ| of the same weights (network slimming's criterion), and random "
+        f"filters (mean of seeds {', '.join(map(str, RANDOM_SEEDS))}).",
         "",
         "The second half of the table re-estimates the batch-norm statistics of each network on "
         f"{RECALIBRATION_IMAGES} training images first (no weight changes).",
         "",
-        "| epoch | BN statistics | filters kept | dense W | DessiLBI support | L1 norm | random |",
-        "|---|---|---|---|---|---|---|",
+        "| epoch | BN statistics | filters kept | dense W | DessiLBI support | L1 norm | BN |γ| "
+        "| random |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         kept, total = r["selected"]
         stats = "re-estimated" if r["recalibrated"] else "as trained"
         lines.append(f"| {r['epoch']} | {stats} | {kept} / {total} ({100 * kept / total:.0f} %) | "
                      f"{fmt(r['dense'])} | {fmt(r['dessilbi'])} | {fmt(r['l1'])} | "
-                     f"{fmt(r['random'])} ({', '.join(fmt(x) for x in r['random_each'])}) |")
+                     f"{fmt(r.get('slimming'))} | {fmt(r['random'])} "
+                     f"({', '.join(fmt(x) for x in r['random_each'])}) |")
     lines += ["", "## Per epoch", "",
-              "Test accuracy (%) of SGD and of DessiLBI's W and W̃, and the selected filters "
-              "per layer (columns: the coupled convolutions in order).", "",
+              "Test accuracy (%) of SGD and of DessiLBI's W and W̃, and the selected groups "
+              "per layer (columns: the coupled tensors in order).", "",
               "| epoch | SGD | W | W̃ | selected | " + " | ".join(
                   n.removesuffix(".weight") for n in record.names) + " |",
               "|---|---|---|---|---|" + "---|" * len(record.names)]

@@ -69,7 +69,9 @@ def test_a_diverged_run_names_the_command_that_trains_on(tmp_path: Path) -> None
                                      "out": str(tmp_path), "run_name": "named"}), quiet=True)
 
 
-def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path: Path, sent: int) -> None:
+    """Ctrl-C, and SIGTERM (a scheduler's preemption) alike."""
     proc = subprocess.Popen(
         # Batch 8: 180 steps an epoch, so the interrupt lands in epoch 2 on a busy machine too.
         [sys.executable, "-m", "dessilbi", "train", *QUICK, "--epochs", "3", "--log-every", "1",
@@ -79,7 +81,7 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path: Path) -> None:
     assert proc.stdout is not None and proc.stderr is not None
     for line in proc.stdout:
         if line.startswith("epoch 2 step 2/"):
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, sent)
             break
     stderr = proc.stderr.read()
     proc.wait(timeout=60)

@@ -278,3 +278,32 @@ def test_tied_filters_are_removed_exactly_where_gamma_drops_them() -> None:
     zero_pruned_filters(masked, support, example)
     with torch.no_grad():
         assert (result.model(x) - masked(x)).abs().max() <= 1e-9
+
+
+def test_compaction_by_the_support_of_gamma_on_batch_norm_scales() -> None:
+    """DessiLBI with Γ on the batch-norm scales (convs uncoupled): ``compact`` reads the
+    selected channels off Γ, removes the others' filters, and the compact model computes what
+    the masked model computes."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10)
+    groups = structured_param_groups(model, conv=None, linear=None, norm="element")
+    optimizer = DessiLBI(groups, lr=0.5, nu=1.0, lam=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    support = compact_support(model, optimizer)
+    norm_support = {n: s for n, s in support.items() if "bn" in n or "shortcut.1" in n}
+    kept = sum(int(s.sum()) for s in norm_support.values())
+    assert len(norm_support) == len(support) == 21 and 0 < kept < 784
+    example = torch.zeros(1, 3, 16, 16)
+    model.eval()
+    result = compact(model, example, optimizer)
+    masked = copy.deepcopy(model)
+    zero_pruned_filters(masked, norm_support, example)
+    x = torch.randn(4, 3, 16, 16, generator=gen)
+    torch.testing.assert_close(result.model(x), masked(x), rtol=0, atol=1e-5)
+    assert sum(map(len, result.removed.values())) > 0
+    assert result.optimizer is not None

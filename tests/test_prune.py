@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,49 @@ def test_prune_for_a_flops_budget_writes_a_compact_folder_per_mask(
     assert len([p for p in source.iterdir() if p.name.startswith("compact-")]) == 2
     assert main(["prune", str(source), "--keep", "0.5", "--flops", "0.4"]) == 1
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_a_compact_run_continues_from_the_sliced_state(
+        source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``prune --compact --as-run`` writes a run directory whose checkpoint is the source's with
+    the compact weights and the optimizer state that :func:`dessilbi.compact` slices (V, Γ,
+    momentum), the epoch, step, schedule and random states kept; its architecture rebuilds the
+    compact network; ``train --resume`` trains it on, recording a new path."""
+    from dessilbi import compact
+    from dessilbi.run_files import load_checkpoint
+    from dessilbi.run_state import Architecture
+    from dessilbi.subnet.compact_run import compact_run
+
+    assert main(["prune", str(source), "--keep", "0.5", "--compact", "--as-run"]) == 0
+    printed = capsys.readouterr().out
+    out = next(p for p in source.parent.iterdir() if p.name.startswith(f"{source.name}-compact"))
+    assert f"compact run: {out}; train it on with `dessilbi train --resume {out}" in printed
+    before = load_checkpoint(source / "checkpoint.pt")
+    after = load_checkpoint(out / "checkpoint.pt")
+    for key in ("epoch", "step", "scheduler", "rng", "callbacks", "model_name"):
+        assert str(after[key]) == str(before[key]), key
+    loaded = load_run(source, with_optimizer=True)
+    mask = ordered_mask(load_path(source / "path.pt"), 0.5)
+    expected = compact(loaded.model.eval(), example_input(loaded), loaded.optimizer, mask.keep)
+    assert expected.optimizer is not None
+    rebuilt = Architecture.from_dict(after["architecture"]).build()
+    rebuilt.load_state_dict(after["model"])  # strict: the same shapes
+    for name, value in expected.model.state_dict().items():
+        assert torch.equal(after["model"][name], value), name
+    sliced = expected.optimizer.state_dict()["state"]
+    states = after["optimizer"]["state"]
+    assert sum("gamma" in state and "momentum_buffer" in state for state in states.values()) == 3
+    for index, state in states.items():
+        assert set(state) == set(sliced[index])
+        for key, value in state.items():
+            assert torch.equal(value, sliced[index][key]), (index, key)
+    assert sum(p.numel() for p in rebuilt.parameters()) == \
+        sum(p.numel() for p in expected.model.parameters()) < 25_866
+    assert main(["train", "--resume", str(out), "--epochs", "4", "--quiet"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    continued = load_run(out)
+    assert continued.epoch == 4 and load_path(out / "path.pt").epochs == [4]
+    assert [m["epoch"] for m in map(json.loads, (out / "metrics.jsonl").read_text().split(
+        "\n")[:-1])] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="exists already"):
+        compact_run(source, out)

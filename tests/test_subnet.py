@@ -212,3 +212,63 @@ def test_a_flops_budget_picks_the_longest_fitting_prefix_of_the_path(digits_run:
     assert order[: len(entered)] == entered
     with pytest.raises(ValueError, match="no subnetwork with one filter per layer fits"):
         budget_mask(record, model, example, params=10)
+
+
+# ------------------------------------------------------------------------ norm-scale coupling
+
+
+def test_norm_scales_coupled_one_group_per_channel() -> None:
+    from dessilbi import structured_param_groups
+
+    model = build_model("resnet20", num_classes=10)
+    groups = structured_param_groups(model, conv=None, linear=None, norm="element")
+    coupled = [g for g in groups if g["structure"] is not None]
+    assert len(coupled) == 1 and coupled[0]["structure"] == "element"
+    assert coupled[0]["weight_decay"] == 0.0
+    names = coupled[0]["param_names"]
+    assert len(names) == 21 and all(n.endswith(".weight") for n in names)
+    assert "bn1.weight" in names and "bn1.bias" not in names
+    every = [n for g in groups for n in g["param_names"]]
+    assert sorted(every) == sorted(n for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="invalid norm: 'filter'"):
+        structured_param_groups(model, norm="filter")
+    # Their L1 baseline is the largest |γ| (network slimming's criterion).
+    gamma = torch.tensor([0.5, -2.0, 0.1, 1.0])
+    assert l1_mask({"bn1.weight": gamma}, {"bn1.weight": 2}).keep["bn1.weight"].tolist() == \
+        [False, True, False, True]
+
+
+def test_a_mask_on_norm_scales_prunes_the_filters_those_norms_follow() -> None:
+    """Masks keyed by batch-norm scales (``norm_structure: element``) zero what the same masks
+    keyed by the convs that feed those norms zero; a conv masked both ways keeps the channels
+    both keep; a norm after a join is refused, naming it."""
+    from dessilbi.subnet.dependency import on_filters
+
+    torch.manual_seed(0)
+    by_norm, by_conv = (build_model("resnet20", num_classes=10).eval() for _ in range(2))
+    by_conv.load_state_dict(by_norm.state_dict())
+    x = torch.zeros(1, 3, 32, 32)
+    norms = filter_norms(by_norm, x)
+    gen = torch.Generator().manual_seed(2)
+    keep = {conv: torch.rand(dict(by_norm.named_parameters())[conv].shape[0], generator=gen)
+            < 0.5 for conv in norms}
+    zero_pruned_filters(by_norm, {f"{norms[c]}.weight": k for c, k in keep.items()}, x)
+    zero_pruned_filters(by_conv, keep, x)
+    for key, value in by_norm.state_dict().items():
+        assert torch.equal(value, by_conv.state_dict()[key]), key
+    both = on_filters(by_norm, {"bn1.weight": torch.tensor([True] * 8 + [False] * 8),
+                                "conv1.weight": torch.tensor([True, False] * 8)}, x)
+    assert list(both) == ["conv1.weight"]
+    assert both["conv1.weight"].nonzero().view(-1).tolist() == [0, 2, 4, 6]
+
+    class NormAfterJoin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.a(x) + self.b(x))
+
+    with pytest.raises(ValueError, match="bn.weight: no conv or linear layer feeds"):
+        on_filters(NormAfterJoin(), {"bn.weight": torch.ones(4, dtype=torch.bool)}, x)

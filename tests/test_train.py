@@ -353,6 +353,40 @@ def test_per_layer_type_lambda_and_group_scaling() -> None:
     assert {g["lam"] for g in default.param_groups if g["structure"]} == {7.0}
 
 
+def test_norm_scales_coupled_by_the_config(tmp_path: Path) -> None:
+    """``norm_structure: element``: the batch-norm scales form DessiLBI's coupled group (with
+    ``norm_lam``), the convs stay uncoupled; the key is refused with another value; a short
+    run records the scales' path and loads its pruned network with the filters zeroed."""
+    from dessilbi import load_run
+    from dessilbi.path_record import load_path
+    from dessilbi.train import build_optimizer
+
+    config = load_config("digits", {"model": "resnet20", "conv_structure": "none",
+                                    "norm_structure": "element", "norm_lam": 0.3,
+                                    "linear_structure": "none",
+                                    "model_kwargs": {"widths": [4, 8, 8]},
+                                    "epochs": 2, "lr": 0.5, "nu": 1, "out": str(tmp_path)})
+    assert config.config_hash() != load_config("digits").config_hash()
+    model = build_model("resnet20", num_classes=10, in_channels=1, image_size=8,
+                        widths=[4, 8, 8])
+    coupled = [g for g in build_optimizer(config, model).param_groups if g["structure"]]
+    assert [(g["structure"], g["lam"], len(g["params"])) for g in coupled] == \
+        [("element", 0.3, 21)]
+    with pytest.raises(ConfigError, match="invalid norm_structure: 'filter'"):
+        load_config("digits", {"norm_structure": "filter"})
+    run_dir = train(config, quiet=True).run_dir
+    record = load_path(run_dir / "path.pt")
+    assert all(name.endswith(".weight") and record.group_shape(name)[0] in (4, 8)
+               for name in record.names) and len(record.names) == 21
+    kept = sum(int(record.support(n, 2).sum()) for n in record.names)
+    assert 0 < kept < sum(record.group_shape(n)[0] for n in record.names)
+    pruned = load_run(run_dir, weights="pruned").model
+    for name in record.names:
+        dropped = ~record.support(name, 2)
+        norm = pruned.get_submodule(name.removesuffix(".weight"))
+        assert not bool(norm.weight[dropped].any()) and not bool(norm.bias[dropped].any())
+
+
 def test_bf16_channels_last_trains_with_float32_state(tmp_path: Path) -> None:
     config = load_config("digits", {"epochs": 2, "precision": "bf16", "channels_last": True,
                                     "nu": 5, "out": str(tmp_path)})
@@ -448,3 +482,27 @@ def test_fp16_run_saves_its_gradient_scaler_and_resumes_bitwise(tmp_path: Path) 
     assert resumed.test_acc == whole.test_acc > 50
     assert_same(torch.load(whole.run_dir / "model.pt", weights_only=True),
                 torch.load(resumed.run_dir / "model.pt", weights_only=True))
+
+
+def test_a_training_subset_is_drawn_with_the_seed_and_the_test_set_stays_whole() -> None:
+    from dessilbi.batches import load_run_data
+    from dessilbi.distributed import DistInfo
+
+    full, test = load_run_data(load_config("digits"), DistInfo())
+    picked = [load_run_data(load_config("digits", {"train_subset": 300, "seed": seed}),
+                            DistInfo()) for seed in (0, 0, 1)]
+    assert [len(train_set) for train_set, _ in picked] == [300, 300, 300]
+    assert all(len(test_set) == len(test) for _, test_set in picked)
+    assert torch.equal(picked[0][0].images, picked[1][0].images)
+    assert not torch.equal(picked[0][0].images, picked[2][0].images)
+    # Every picked image is a training image with its own label.
+    index = {bytes(img.flatten().tolist()): int(label)
+             for img, label in zip(full.images, full.labels, strict=True)}
+    assert all(index[bytes(img.flatten().tolist())] == int(label)
+               for img, label in zip(picked[0][0].images, picked[0][0].labels, strict=True))
+    assert load_config("digits", {"train_subset": 300}).config_hash() != \
+        load_config("digits").config_hash()
+    with pytest.raises(ConfigError, match="invalid train_subset: 5000 .*1442 images"):
+        load_run_data(load_config("digits", {"train_subset": 5000}), DistInfo())
+    with pytest.raises(ConfigError, match="invalid train_subset: 0"):
+        load_config("digits", {"train_subset": 0})

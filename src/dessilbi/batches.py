@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -161,6 +162,9 @@ def load_run_data(config: TrainConfig, dist_info: DistInfo) -> tuple[AnyDataset,
     if info.lazy:
         if config.data_dir is None:
             raise ConfigError(f"invalid data_dir: None (the {config.dataset} data set needs one)")
+        if config.train_subset is not None:
+            raise ConfigError(f"invalid train_subset: {config.train_subset} (only for in-memory "
+                              f"data sets; {config.dataset} is read from disk)")
         test_split = "val" if Path(config.data_dir, "val").is_dir() else "test"
         # augment: false gives the training images the test transform (resize, centre crop).
         return (
@@ -174,7 +178,21 @@ def load_run_data(config: TrainConfig, dist_info: DistInfo) -> tuple[AnyDataset,
     test_set = load_dataset(config.dataset, config.data_dir, "test", download=config.download)
     if config.download and dist_info.enabled and dist_info.is_main:
         dist.barrier()
-    return train_set, test_set
+    return _subset(train_set, config), test_set
+
+
+def _subset(train_set: ImageDataset, config: TrainConfig) -> ImageDataset:
+    """``train_subset`` images of ``train_set`` drawn with the run's seed (the same on every
+    rank, and for every optimizer trained with that seed)."""
+    if config.train_subset is None:
+        return train_set
+    if config.train_subset > len(train_set):
+        raise ConfigError(f"invalid train_subset: {config.train_subset} (the {config.dataset} "
+                          f"training set has {len(train_set)} images)")
+    gen = torch.Generator().manual_seed(config.seed)
+    pick = torch.randperm(len(train_set), generator=gen)[: config.train_subset].sort().values
+    return dataclasses.replace(train_set, images=train_set.images[pick],
+                               labels=train_set.labels[pick])
 
 
 @torch.no_grad()

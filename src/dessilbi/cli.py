@@ -143,6 +143,10 @@ def _prune_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's)")
     parser.add_argument("--compact", action="store_true",
                         help="write the compact network (pruned filters removed)")
+    parser.add_argument("--as-run", action="store_true",
+                        help="with --compact: also write it as a run directory beside the run "
+                        "(weights and optimizer state sliced: DessiLBI's V, Gamma, momentum), "
+                        "which dessilbi train --resume DIR --epochs N trains on")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -206,11 +210,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"dessilbi: error: {exc}", file=sys.stderr)
             return 1
-    if args.command == "prune":
-        return _prune(args)
     if args.command == "export":
         return _export(args)
+    _interrupt_on_sigterm()
+    if args.command == "prune":
+        return _prune(args)
     return _train(args)
+
+
+def _interrupt_on_sigterm() -> None:
+    """End training on SIGTERM (a scheduler's preemption, torchrun stopping its workers, a
+    ``kill``) as on Ctrl-C: the last complete epoch stays, and the message names the command
+    that continues. (A background job of a non-interactive shell ignores SIGINT.)"""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -263,6 +282,8 @@ def _prune_run(args: argparse.Namespace) -> int:
         save_compact,
     )
 
+    if args.as_run and not args.compact:
+        raise ValueError("--as-run writes the compact network as a run: add --compact")
     mask = choose_mask(args.run_dir, epoch=args.epoch, keep=args.keep, mask_file=args.mask,
                        flops=args.flops, params=args.params)
     print(f"mask: {mask.kept} of {mask.total} filters kept ({mask.source.get('method')}, "
@@ -291,7 +312,23 @@ def _prune_run(args: argparse.Namespace) -> int:
         atomic_write_text(report, folder / "report.md")
         totals = next(line for line in report.splitlines() if line.startswith("Parameters:"))
         print(f"compact: {folder} (report.md: per layer, and CPU latency)\n{totals}")
+        if args.as_run:
+            _write_compact_run(args.run_dir, target, mask)
     return 0
+
+
+def _write_compact_run(source: Path, target: Path, mask: Any) -> None:
+    from dessilbi.subnet.compact_run import compact_run
+    from dessilbi.subnet.prune import mask_hash
+
+    # The fine-tuning run holds its mask; the source run takes the chosen one.
+    out = target.parent / f"{target.name}-compact-{mask_hash(mask, {})}"
+    if (out / "checkpoint.pt").is_file():
+        print(f"compact run: {out} exists already; train it on with "
+              f"`dessilbi train --resume {out} --epochs N`")
+        return
+    compact_run(target, out, mask if target == source else None)
+    print(f"compact run: {out}; train it on with `dessilbi train --resume {out} --epochs N`")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -61,6 +61,10 @@ class TrainConfig:
         None, "random horizontal flips in training of in-memory data sets (default: the data "
         "set's: on for CIFAR, off for digits and MNIST)"
     )
+    train_subset: int | None = _opt(
+        None, "train on this many training images only, drawn at random with the run's seed "
+        "(in-memory data sets; the test set stays whole): a smaller budget, stated in the config"
+    )
     # model
     model: str = _opt("small_cnn", "model name (the registered models are listed in --help)")
     model_kwargs: dict[str, Any] = field(
@@ -82,6 +86,7 @@ class TrainConfig:
         "convolutions than for linear layers"
     )
     linear_lam: float | None = _opt(None, "λ of linear weights (default: lam)")
+    norm_lam: float | None = _opt(None, "λ of coupled norm scales (default: lam)")
     selection_start: int | None = _opt(
         None, "instead of λ: the epoch during which every coupled layer's first groups enter; "
         "λ is then set per layer after the calibration epochs (dessilbi.selection)"
@@ -99,6 +104,10 @@ class TrainConfig:
         "additions form one group, so whatever Gamma drops can be removed), channel, element "
         "or none")
     linear_structure: str | None = _opt("element", "structure of linear weights")
+    norm_structure: str | None = _opt(
+        None, "structure of the scales of normalisation layers (batch-norm gamma): element "
+        "couples each channel's scale (its channel is then selected by it, as network slimming "
+        "ranks channels), or none")
     group_scaling: str = _opt("none", "group threshold scaling: none or sqrt_size")
     conv_group_scaling: str | None = _opt(
         None, "group threshold scaling of conv weights (default: group_scaling)"
@@ -146,7 +155,7 @@ class TrainConfig:
     run_name: str | None = _opt(None, "run directory name (default: built from the config)")
 
     def __post_init__(self) -> None:
-        for name in ("conv_structure", "linear_structure"):
+        for name in ("conv_structure", "linear_structure", "norm_structure"):
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() == "none":
                 setattr(self, name, None)
         self.validate()
@@ -172,6 +181,8 @@ class TrainConfig:
              "none, sqrt_size, or null for group_scaling"),
             ("schedule_epochs", self.schedule_epochs is None or self.schedule_epochs >= 1,
              "at least 1"),
+            ("train_subset", self.train_subset is None or self.train_subset >= 1,
+             "at least 1, or null for the whole training set"),
             *self._optimizer_checks(),
         ]
         for key, ok, expected in checks:
@@ -187,6 +198,7 @@ class TrainConfig:
              "filter, tied, channel, element or none"),
             ("linear_structure", self.linear_structure in structures,
              "filter, channel, element or none"),
+            ("norm_structure", self.norm_structure in ("element", None), "element or none"),
             ("group_scaling", self.group_scaling in GROUP_SCALING_NAMES, "none or sqrt_size"),
             ("nu", self.nu > 0, "> 0"),
             ("kappa", self.kappa > 0, "> 0"),
@@ -194,6 +206,7 @@ class TrainConfig:
             ("conv_lam", self.conv_lam is None or self.conv_lam >= 0, ">= 0, or null for lam"),
             ("linear_lam", self.linear_lam is None or self.linear_lam >= 0,
              ">= 0, or null for lam"),
+            ("norm_lam", self.norm_lam is None or self.norm_lam >= 0, ">= 0, or null for lam"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("dampening", 0 <= self.dampening <= 1, "in [0, 1]"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
@@ -274,7 +287,10 @@ _RUN_LOCATION_KEYS = frozenset(
 
 #: Keys added after the first release, left out of the hash at their defaults, so that the run
 #: directories of earlier configs keep their names (and the same command resumes them).
-_LATER_KEYS: dict[str, Any] = {"selection_start": None, "selection_calibration": 1}
+_LATER_KEYS: dict[str, Any] = {
+    "selection_start": None, "selection_calibration": 1, "norm_structure": None, "norm_lam": None,
+    "train_subset": None,
+}
 
 
 def _coerce(key: str, value: Any) -> Any:

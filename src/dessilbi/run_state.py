@@ -21,29 +21,58 @@ __all__ = ["Architecture", "ModelFactory", "OptimizerFactory", "TrainingRun"]
 
 @dataclass
 class Architecture:
-    """How to build a run's model: a registered builder and its arguments.
+    """How to build a run's model: a registered builder and its arguments, and for a compact
+    network the filters kept of each layer.
 
     Saved in every checkpoint, so a run whose model changed shape in training (a layer widened
     by network growing, say) is rebuilt with its current shape on resume. Callbacks that change
     the model's shape update :attr:`kwargs` (e.g. ``widths``) through
-    :meth:`TrainingRun.replace_model`.
+    :meth:`TrainingRun.replace_model`. A compact network (:func:`dessilbi.compact`) is
+    described by :attr:`kept`: per conv / linear weight name, the kept output channels of the
+    registered model's layer; :meth:`build` removes the others with the same torch-pruning
+    calls, so the description is plain values (``weights_only`` loadable, no pickled code).
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, list[int]] | None = None
 
     def build(self) -> nn.Module:
         """A freshly initialised model (weights from torch's global RNG)."""
-        return build_model(self.name, **self.kwargs)
+        model = build_model(self.name, **self.kwargs)
+        return model if self.kept is None else self._compacted(model)
+
+    def _compacted(self, model: nn.Module) -> nn.Module:
+        # The subnet package needs torch-pruning, an optional extra: imported only here.
+        from dessilbi.subnet.compact import compact
+
+        params = dict(model.named_parameters())
+        unknown = [name for name in self.kept or {} if name not in params]
+        if unknown:
+            raise ValueError(f"compact architecture of {self.name}: no layer {unknown[0]}")
+        keep = {}
+        for name, kept in (self.kept or {}).items():
+            mask = torch.zeros(params[name].shape[0], dtype=torch.bool)
+            mask[torch.tensor(kept, dtype=torch.long)] = True
+            keep[name] = mask
+        size = int(self.kwargs.get("image_size", 32))  # build_model's defaults
+        example = torch.zeros(1, int(self.kwargs.get("in_channels", 3)), size, size)
+        return compact(model, example, keep=keep).model.train()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for the checkpoint (``weights_only`` loadable)."""
-        return {"name": self.name, "kwargs": dict(self.kwargs)}
+        out: dict[str, Any] = {"name": self.name, "kwargs": dict(self.kwargs)}
+        if self.kept is not None:
+            out["kept"] = {n: list(k) for n, k in self.kept.items()}
+        return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Architecture:
         """The inverse of :meth:`to_dict`."""
-        return cls(str(values["name"]), dict(values.get("kwargs", {})))
+        kept = values.get("kept")
+        return cls(str(values["name"]), dict(values.get("kwargs", {})),
+                   None if kept is None else {str(n): [int(i) for i in k]
+                                              for n, k in kept.items()})
 
 
 #: ``factory(architecture)`` -> a fresh model (default: :meth:`Architecture.build`).

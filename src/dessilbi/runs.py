@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dessilbi.config import ConfigError, TrainConfig, load_config
-from dessilbi.optim.proximal import FILTER_STRUCTURES, group_axis
+from dessilbi.optim.proximal import group_axis, selects_channels
 from dessilbi.path_record import PathRecord, load_path
 from dessilbi.run_files import CheckpointError, load_checkpoint, load_model_file
 from dessilbi.run_state import Architecture
@@ -134,7 +134,7 @@ def _prune_unselected(model: nn.Module, record: PathRecord, epoch: int,
     from dessilbi.subnet import zero_pruned_filters
 
     keep = {name: record.support(name, epoch) for name in record.names
-            if record.structure(name) in FILTER_STRUCTURES
+            if selects_channels(record.structure(name), len(record.group_shape(name, epoch)))
             and any(record.group_shape(name, epoch))}
     try:
         example = example_input(config)

@@ -63,6 +63,7 @@ def structured_param_groups(
     conv: str | None = "filter",
     linear: str | None = "element",
     exclude: Sequence[str] = (),
+    norm: str | None = None,
     weight_decay: float | None = None,
     norm_weight_decay: float | None = 0.0,
 ) -> list[dict[str, Any]]:
@@ -74,6 +75,10 @@ def structured_param_groups(
         conv: structure of ``Conv1d/2d/3d`` weights (``"filter"``, ``"channel"``, ``"element"``
             or None to leave them uncoupled).
         linear: structure of ``Linear`` weights.
+        norm: structure of the scales (affine weights) of normalisation layers: ``"element"``
+            couples each channel's scale γ_c as a group of its own (the quantity network
+            slimming ranks channels by; unlike a filter's norm behind a batch norm, the loss
+            is not invariant to it), None leaves them uncoupled. Their shifts stay uncoupled.
         exclude: glob patterns (``fnmatch``, case-sensitive) matched against module names
             (``"features.0"``, ``"fc*"``) and parameter names (``"fc.weight"``); matching
             parameters stay uncoupled.
@@ -85,7 +90,8 @@ def structured_param_groups(
     Returns:
         A list of param-group dicts (empty groups omitted), each with ``"params"``,
         ``"param_names"`` and ``"structure"``, in this order: coupled conv weights, coupled
-        linear weights, other uncoupled weights, biases and normalisation parameters.
+        linear weights, coupled norm scales (with ``norm_weight_decay``), other uncoupled
+        weights, biases and normalisation parameters.
         Every parameter appears exactly once (shared parameters by their first name).
 
     Raises:
@@ -99,9 +105,12 @@ def structured_param_groups(
                 f"invalid {argument}: {structure!r} (expected 'filter', 'channel', 'element' or "
                 "None)"
             )
+    if norm not in (None, "element"):
+        raise ValueError(f"invalid norm: {norm!r} (expected 'element' or None)")
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {
         "conv": [],
         "linear": [],
+        "norm": [],
         "other": [],
         "no_decay": [],
     }
@@ -125,12 +134,15 @@ def structured_param_groups(
                 buckets["conv"].append((full_name, param))
             elif is_weight and isinstance(module, nn.Linear) and linear is not None:
                 buckets["linear"].append((full_name, param))
+            elif (is_weight and norm is not None and isinstance(module, NORM_TYPES)
+                  and param.dim() == 1):
+                buckets["norm"].append((full_name, param))
             elif param.dim() <= 1 or isinstance(module, NORM_TYPES):
                 buckets["no_decay"].append((full_name, param))
             else:
                 buckets["other"].append((full_name, param))
 
-    structures = {"conv": conv, "linear": linear, "other": None, "no_decay": None}
+    structures = {"conv": conv, "linear": linear, "norm": norm, "other": None, "no_decay": None}
     groups: list[dict[str, Any]] = []
     for key, members in buckets.items():
         if not members:
@@ -140,7 +152,7 @@ def structured_param_groups(
             "param_names": [n for n, _ in members],
             "structure": structures[key],
         }
-        decay = norm_weight_decay if key == "no_decay" else weight_decay
+        decay = norm_weight_decay if key in ("norm", "no_decay") else weight_decay
         if decay is not None:
             group["weight_decay"] = decay
         groups.append(group)

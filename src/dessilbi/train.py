@@ -76,7 +76,7 @@ from dessilbi.run_files import (
 from dessilbi.run_state import Architecture, ModelFactory, OptimizerFactory, TrainingRun
 from dessilbi.schedule import lr_multiplier
 from dessilbi.selection import StartEpochThresholds, split_coupled_groups
-from dessilbi.structure import structured_param_groups, unwrap_model
+from dessilbi.structure import NORM_TYPES, structured_param_groups, unwrap_model
 
 __all__ = [
     "CheckpointError",
@@ -113,15 +113,16 @@ def _layer_type_options(
     conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     kind_of = {
         id(p): "conv" if isinstance(m, conv_types) else "linear" if isinstance(m, nn.Linear)
-        else None
+        else "norm" if isinstance(m, NORM_TYPES) else ""
         for m in model.modules() for p in m.parameters(recurse=False)
     }
+    lams = {"conv": config.conv_lam, "linear": config.linear_lam, "norm": config.norm_lam}
+    scalings = {"conv": config.conv_group_scaling, "linear": config.linear_group_scaling}
     for group in groups:
         if group["structure"] is None:
             continue
-        kind = kind_of.get(id(group["params"][0]))
-        lam = config.conv_lam if kind == "conv" else config.linear_lam
-        scaling = config.conv_group_scaling if kind == "conv" else config.linear_group_scaling
+        kind = kind_of.get(id(group["params"][0])) or ""
+        lam, scaling = lams.get(kind), scalings.get(kind)
         group["lam"] = config.lam if lam is None else lam
         group["group_scaling"] = config.group_scaling if scaling is None else scaling
 
@@ -158,6 +159,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
         model,
         conv=("filter" if tied else config.conv_structure) if coupled else None,
         linear=config.linear_structure if coupled else None,
+        norm=config.norm_structure if coupled else None,
         exclude=config.exclude if coupled else (),
         weight_decay=config.weight_decay,
         norm_weight_decay=config.norm_weight_decay,
@@ -406,7 +408,7 @@ class _StructureView:
     def __init__(self, config: TrainConfig, model: nn.Module) -> None:
         self.param_groups = structured_param_groups(
             model, conv=config.conv_structure, linear=config.linear_structure,
-            exclude=config.exclude,
+            norm=config.norm_structure, exclude=config.exclude,
         )
         self.state: dict[Any, Any] = {}
 

@@ -33,6 +33,7 @@ __all__ = [
     "group_size",
     "group_threshold",
     "prox",
+    "selects_channels",
     "tied_prox",
 ]
 
@@ -40,6 +41,12 @@ STRUCTURES: tuple[str | None, ...] = (None, "element", "filter", "channel", "tie
 #: The structures whose groups are output filters (of one tensor, or tied across tensors).
 FILTER_STRUCTURES: tuple[str, ...] = ("filter", "tied")
 GROUP_SCALINGS: tuple[str, ...] = ("none", "sqrt_size")
+
+
+def selects_channels(structure: str | None, dim: int) -> bool:
+    """Whether Γ on a tensor of ``dim`` dimensions with ``structure`` selects output channels:
+    the filter structures, and single-entry groups of a 1-D tensor (a norm layer's scales)."""
+    return structure in FILTER_STRUCTURES or (structure == "element" and dim == 1)
 
 
 def check_structure(structure: str | None, shape: torch.Size | tuple[int, ...]) -> None:

@@ -17,6 +17,7 @@ same class over the compact model carries it, so training continues from the sam
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +26,14 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dessilbi.optim.proximal import FILTER_STRUCTURES
+from dessilbi.optim.proximal import selects_channels
 from dessilbi.path import group_support
 from dessilbi.structure import unwrap_model
 from dessilbi.subnet.dependency import (
     LAYER_TYPES,
     dependency_graph,
     is_depthwise,
+    on_filters,
     zero_pruned_filters,
 )
 
@@ -188,6 +190,7 @@ def compact(model: nn.Module, example_inputs: torch.Tensor, optimizer: Optimizer
         if optimizer is None:
             raise ValueError("compact needs keep= masks, or a DessiLBI optimizer to read Γ from")
         keep = _filter_support(model, optimizer)
+    keep = on_filters(model, keep, example_inputs)
     state = _state_by_name(model, optimizer)
     net = copy.deepcopy(model).eval()
     zero_pruned_filters(net, keep, example_inputs)
@@ -201,8 +204,9 @@ def compact(model: nn.Module, example_inputs: torch.Tensor, optimizer: Optimizer
 def _filter_support(model: nn.Module, optimizer: Optimizer) -> dict[str, torch.Tensor]:
     structures = {n: g.get("structure") for g in optimizer.param_groups
                   for n in g.get("param_names", [])}
+    params = dict(model.named_parameters())
     return {n: s.cpu() for n, s in group_support(model, optimizer).items()
-            if structures.get(n, "filter") in FILTER_STRUCTURES}
+            if selects_channels(structures.get(n, "filter"), params[n].dim())}
 
 
 def _prune(net: nn.Module, example_inputs: torch.Tensor, keep: Mapping[str, torch.Tensor],
@@ -263,7 +267,10 @@ def _rebuilt(optimizer: Optimizer, model: nn.Module, net: nn.Module, tracker: _T
         names = [old_names[id(p)] for p in group["params"]]
         options = {k: v for k, v in group.items() if k != "params"}
         groups.append({**options, "params": [params[n] for n in names]})
-    fresh = type(optimizer)(groups, **optimizer.defaults)
+    # Only the defaults the class takes: torch's load_state_dict adds others ("differentiable").
+    accepted = inspect.signature(type(optimizer)).parameters
+    fresh = type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items()
+                                       if k in accepted})
     for attribute in ("nonfinite",):  # DessiLBI's settings outside the param groups
         if hasattr(optimizer, attribute):
             setattr(fresh, attribute, getattr(optimizer, attribute))

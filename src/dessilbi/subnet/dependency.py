@@ -26,6 +26,7 @@ __all__ = [
     "dependency_graph",
     "filter_norms",
     "is_depthwise",
+    "on_filters",
     "zero_pruned_filters",
 ]
 
@@ -83,6 +84,33 @@ def filter_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, st
     return out
 
 
+def on_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
+               example_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``keep`` with every mask on a norm layer's scale (``norm_structure: element``: Γ on the
+    batch-norm scales selects channels) moved to the conv / linear weight whose output channels
+    that norm normalises; a layer masked both ways keeps the channels both keep.
+
+    Raises:
+        ValueError: a norm scale that no conv / linear layer feeds directly (after an addition,
+            say), so no filter can be removed with its channel.
+    """
+    modules = dict(model.named_modules())
+    norm_names = [n for n in keep if isinstance(modules.get(n.rpartition(".")[0]), _NORMS)]
+    if not norm_names:
+        return dict(keep)
+    producer = {f"{norm}.weight": weight
+                for weight, norm in filter_norms(model, example_inputs).items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, kept in keep.items():
+        if name in norm_names and name not in producer:
+            raise ValueError(f"{name}: no conv or linear layer feeds this norm directly, so its "
+                             "channels are no layer's filters")
+        target = producer.get(name, name)
+        kept = kept.to(torch.bool)
+        out[target] = out[target] & kept.to(out[target].device) if target in out else kept
+    return out
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A convolution whose every channel is its own group (its channels are its input's)."""
     return isinstance(module, LAYER_TYPES[:3]) and 1 < module.groups == module.in_channels == \
@@ -119,7 +147,8 @@ def zero_pruned_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
 
     Args:
         model: the network.
-        keep: per conv / linear weight name, a bool tensor ``[out_channels]``, True where kept.
+        keep: per conv / linear weight name, a bool tensor ``[out_channels]``, True where kept
+            (or per norm scale name, see :func:`on_filters`).
         example_inputs: an input batch to trace the network with (e.g. one zero image).
 
     Raises:
@@ -127,6 +156,7 @@ def zero_pruned_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
         ValueError: a mask whose length is not the layer's number of output channels.
     """
     params = dict(model.named_parameters())
+    keep = on_filters(model, keep, example_inputs)
     for name, kept in keep.items():  # every mask checked before anything is changed
         if name not in params:
             raise KeyError(f"{name}: no such parameter in the model")
@@ -157,6 +187,7 @@ def channel_masks(model: nn.Module, keep: Mapping[str, torch.Tensor],
     each parameter's shape: the pruned filters, their biases, the followers' channels. For
     holding a pruned network fixed (:class:`~dessilbi.callbacks.FixedMask`)."""
     modules = dict(model.named_modules())
+    keep = on_filters(model, keep, example_inputs)
     followers = channel_followers(model, example_inputs)
     masks: dict[str, torch.Tensor] = {}
     for name, kept in keep.items():

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dessilbi.optim.proximal import FILTER_STRUCTURES
+from dessilbi.optim.proximal import selects_channels
 from dessilbi.path_record import PathRecord
 
 __all__ = [
@@ -98,10 +98,12 @@ def load_mask(file: str | os.PathLike[str]) -> FilterMask:
 
 
 def _filter_layers(record: PathRecord, epoch: int) -> list[str]:
-    """The filter-structured layers coupled at ``epoch`` (channel groups are inputs, element
-    groups single weights: neither removes a filter)."""
+    """The layers coupled at ``epoch`` whose groups are output channels: filter-structured
+    weights and norm scales (channel groups are inputs, element groups of a weight single
+    entries: neither removes a filter)."""
     return [n for n in record.names
-            if record.structure(n) in FILTER_STRUCTURES and any(record.group_shape(n, epoch))]
+            if selects_channels(record.structure(n), len(record.group_shape(n, epoch)))
+            and any(record.group_shape(n, epoch))]
 
 
 def _epoch(record: PathRecord, epoch: int | None) -> int:
@@ -156,10 +158,13 @@ def ordered_mask(record: PathRecord, keep: float | Mapping[str, float],
 def l1_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int],
             source: str = "weights") -> FilterMask:
     """Per layer, the ``counts[layer]`` filters of largest L1 norm in ``weights`` (the
-    baseline of Li et al., "Pruning filters for efficient ConvNets")."""
+    baseline of Li et al., "Pruning filters for efficient ConvNets"); for a norm layer's scales,
+    the channels of largest |γ| (that of network slimming, Liu et al. 2017)."""
     keep = {}
     for name, count in counts.items():
-        norms = weights[name].detach().float().abs().flatten(1).sum(1).cpu()
+        weight = weights[name].detach().float()
+        # A norm layer's scales (1-D): |γ_c|, network slimming's criterion.
+        norms = weight.abs().reshape(weight.shape[0], -1).sum(1).cpu()
         kept = torch.zeros(norms.numel(), dtype=torch.bool)
         kept[norms.argsort(descending=True, stable=True)[:count]] = True
         keep[name] = kept
