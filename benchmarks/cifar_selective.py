@@ -2,11 +2,13 @@
 
 Usage (from the repository root; the training runs can go in parallel, one per core)::
 
-    .venv/bin/python benchmarks/cifar_selective.py train --only bn
+    .venv/bin/python benchmarks/cifar_selective.py train --only dessilbi
     .venv/bin/python benchmarks/cifar_selective.py train --only sgd
+    .venv/bin/python benchmarks/cifar_selective.py compare
+    .venv/bin/python benchmarks/cifar_selective.py train --only bn     # Γ on the BN scales
     .venv/bin/python benchmarks/cifar_selective.py compare --variant bn
-    .venv/bin/python benchmarks/cifar_selective.py train --model vgg16_bn --train-subset 10000 \
-        --epochs 15 --only bn sgd
+    .venv/bin/python benchmarks/cifar_selective.py train --model vgg16_bn --train-subset 12000 \
+        --epochs 15 --only dessilbi sgd                               # and compare, the same
 
 ``train`` runs the shipped ``cifar10_<model>_selective`` config (``selection_start``: every
 coupled layer starts selecting in one epoch, λ calibrated per layer; classifier uncoupled) in
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("phase", choices=("train", "compare"))
     parser.add_argument("--only", choices=tuple(RUNS), nargs="*", default=list(RUNS))
     parser.add_argument("--model", choices=("resnet20", "vgg16_bn"), default="resnet20")
-    parser.add_argument("--variant", choices=("dessilbi", "bn"), default="bn",
+    parser.add_argument("--variant", choices=("dessilbi", "bn"), default="dessilbi",
                         help="the DessiLBI run that compare reads")
     parser.add_argument("--train-subset", type=int, default=None,
                         help="train on this many images (a seeded subset)")

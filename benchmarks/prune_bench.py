@@ -72,8 +72,9 @@ def ensure_trained(config: TrainConfig) -> Path:
     return run_directory(config)
 
 
-def make_mask(method: str, ratio: float, runs: dict[str, Path]) -> FilterMask:
-    lbi = ordered_mask(load_path(runs["dessilbi"] / "path.pt"), ratio)
+def make_mask(method: str, ratio: float, runs: dict[str, Path], round_to: int = 1
+              ) -> FilterMask:
+    lbi = ordered_mask(load_path(runs["dessilbi"] / "path.pt"), ratio, round_to=round_to)
     if method == "dessilbi":
         return lbi
     counts = lbi.counts()
@@ -85,7 +86,7 @@ def make_mask(method: str, ratio: float, runs: dict[str, Path]) -> FilterMask:
 def cell(method: str, ratio: float, runs: dict[str, Path], args: argparse.Namespace,
          accuracy: dict[str, Any]) -> dict[str, Any]:
     source = runs["dessilbi" if method == "dessilbi" else "sgd"]
-    mask = make_mask(method, ratio, runs)
+    mask = make_mask(method, ratio, runs, args.round_to)
     weights = load_run(source).model.state_dict()
     before = accuracy[str(source)](weights, mask.keep)
     tuned = finetune(source, mask, args.finetune_epochs,
@@ -128,12 +129,18 @@ def write_markdown(task: str, args: argparse.Namespace, runs: dict[str, Path],
              f"forward passes at batch 64, one thread, dense / compact ({platform.machine()}, "
              f"torch {torch.__version__}); target speed-up ≥ 0.6 of the FLOP reduction.",
              "",
-             f"Produced by `.venv/bin/python benchmarks/prune_bench.py --task {task}`.",
+             *([f"Every layer's kept filters are rounded up to a multiple of {args.round_to} "
+                "(whole channel blocks of the CPU kernels).", ""] if args.round_to > 1 else []),
+             f"Produced by `.venv/bin/python benchmarks/prune_bench.py --task {task}"
+             + (f" --round-to {args.round_to}" if args.round_to > 1 else "")
+             + (f" --ratios {' '.join(f'{r:g}' for r in args.ratios)}"
+                if tuple(args.ratios) != RATIOS else "")
+             + "`.",
              "",
              "| keep | filters | method | pruned, no fine-tuning (%) | fine-tuned (%) | "
              "params | FLOP reduction | speed-up | speed-up / FLOP reduction |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for ratio in RATIOS:
+    for ratio in args.ratios:
         for method in METHODS:
             c = cells.get(f"{method}-{ratio}")
             if c is None:
@@ -152,13 +159,17 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--finetune-epochs", type=int)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="round every layer's kept filters up to a multiple of this")
+    parser.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS))
     parser.add_argument("--remeasure-speed", action="store_true",
                         help="measure the recorded cells' speed again (on a quiet machine)")
     args = parser.parse_args()
     if args.finetune_epochs is None:
         args.finetune_epochs = 3 if args.task == "mnist" else 2
     torch.set_num_threads(1)
-    out = Path(f"benchmarks/results/prune_{args.task}.md")
+    suffix = f"_r{args.round_to}" if args.round_to > 1 else ""
+    out = Path(f"benchmarks/results/prune_{args.task}{suffix}.md")
     record = out.with_suffix(".json")
     cells = json.loads(record.read_text())["cells"] if record.is_file() else {}
     runs = {name: ensure_trained(c) for name, c in source_configs(args.task, args).items()}
@@ -167,7 +178,7 @@ def main() -> None:
             c.update(speed(Path(c["run"]), load_mask(Path(c["run"]) / "mask.json")))
         record.write_text(json.dumps({"task": args.task, "cells": cells}, indent=1))
     accuracy = {str(p): _evaluator(p) for p in runs.values()}
-    for ratio in RATIOS:
+    for ratio in args.ratios:
         for method in METHODS:
             key = f"{method}-{ratio}"
             if key in cells:

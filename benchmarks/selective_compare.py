@@ -15,7 +15,7 @@ import torch
 
 from _runs import fmt, read_history
 from dessilbi.batches import evaluate, example_input, input_normalization, load_run_data
-from dessilbi.config import TrainConfig
+from dessilbi.config import TrainConfig, load_config
 from dessilbi.data import dataset_info
 from dessilbi.distributed import DistInfo
 from dessilbi.numerics import autocast_factory, input_preparer
@@ -154,6 +154,7 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
                    hists: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]]) -> str:
     lbi, sgd = hists["dessilbi"], hists["sgd"]
     config = f"cifar10_{args.model}_selective"
+    c = load_config(config)
     subset = f"a seeded subset of {args.train_subset} training images" if args.train_subset \
         else "all 50,000 training images"
     flags = f" --model {args.model}" if args.model != "resnet20" else ""
@@ -163,15 +164,17 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         f"# A selective path on CIFAR-10: {args.model}, `{config}`, variant `{args.variant}`",
         "",
         f"{len(lbi)} epochs (DessiLBI) and {len(sgd)} (SGD) of {args.epochs} on {subset} "
-        "(the test set whole), cosine lr 0.1, batch 64, Nesterov 0.9, wd 1e-4, crop + flip, "
+        f"(the test set whole), cosine lr {c.lr:g}, batch {c.batch_size}, Nesterov "
+        f"{c.momentum:g}, wd {c.weight_decay:g}, crop + flip, "
         "CIFAR-10 JPEG copy, bf16 autocast + channels-last on CPU "
         f"({args.threads} thread(s), torch {torch.__version__}, {platform.machine()}). "
-        f"DessiLBI: ν 100, κ 1, {_COUPLING[args.variant]}, classifier uncoupled, "
-        "`selection_start: 4` (λ per layer calibrated over epoch 1). SGD: the same config with "
-        "`optimizer: sgd`.",
+        f"DessiLBI: ν {c.nu:g}, κ {c.kappa:g}, {_COUPLING[args.variant]}, classifier "
+        f"uncoupled, `selection_start: {c.selection_start}` (λ per layer calibrated over "
+        f"{c.selection_calibration} epoch(s)). SGD: the same config with `optimizer: sgd`.",
         "",
         f"Produced by `.venv/bin/python benchmarks/cifar_selective.py train{flags} --only "
-        f"{args.variant} sgd` and `... compare{flags} --variant {args.variant}`.",
+        f"{args.variant} sgd` and `... compare{flags}"
+        + (f" --variant {args.variant}`." if args.variant != "dessilbi" else "`."),
         "",
         "| run | dense W (%) | sparse W̃ (%) | selected channels |",
         "|---|---|---|---|",

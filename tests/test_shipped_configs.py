@@ -444,7 +444,9 @@ def _resolve(example: Example, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def _resume_targets(path: str) -> list[str]:
-    """Shipped configs whose run directory the (possibly placeholder) path can be."""
+    """Shipped configs whose run directory the (possibly placeholder) path can be (or a run
+    directory derived from, as ``dessilbi prune`` writes them beside it)."""
+    path = re.sub(r"-(compact|prune)-<[^/]*$", "", path)
     pattern = re.compile(".+".join(re.escape(p) for p in _PLACEHOLDER.split(path)))
     if not _PLACEHOLDER.search(path):
         return SHIPPED[:1]

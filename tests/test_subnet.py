@@ -159,6 +159,16 @@ def test_support_and_path_order_masks(digits_run: Path) -> None:
     assert per_layer.counts()["conv1.weight"] == 4 and per_layer.counts()["conv2.weight"] == 32
     with pytest.raises(ValueError, match=r"keep ratio of conv1.weight: 1.5"):
         ordered_mask(record, keep={"conv1.weight": 1.5})
+    # Rounded up to channel blocks: 0.3 of 16 / 32 / 64 is 5 / 10 / 20, in blocks of 8 it is
+    # 8 / 16 / 24, the first groups of the same order.
+    rounded = ordered_mask(record, keep=0.3, round_to=8)
+    assert rounded.counts() == {"conv1.weight": 8, "conv2.weight": 16, "conv3.weight": 24}
+    plain = ordered_mask(record, keep=0.3)
+    assert plain.counts() == {"conv1.weight": 5, "conv2.weight": 10, "conv3.weight": 20}
+    assert all(bool((rounded.keep[n] | ~plain.keep[n]).all()) for n in plain.keep)
+    assert rounded.source["round_to"] == 8 and "round_to" not in plain.source
+    with pytest.raises(ValueError, match="round_to: 0"):
+        ordered_mask(record, keep=0.3, round_to=0)
 
 
 def test_baseline_masks_and_the_mask_file(digits_run: Path, tmp_path: Path) -> None:
@@ -272,3 +282,7 @@ def test_a_mask_on_norm_scales_prunes_the_filters_those_norms_follow() -> None:
 
     with pytest.raises(ValueError, match="bn.weight: no conv or linear layer feeds"):
         on_filters(NormAfterJoin(), {"bn.weight": torch.ones(4, dtype=torch.bool)}, x)
+    with pytest.raises(ValueError, match=r"bn1.weight: mask of shape \(15,\), expected \[16\]"):
+        on_filters(by_norm, {"bn1.weight": torch.ones(15, dtype=torch.bool)}, x)
+    with pytest.raises(ValueError, match="bn1.bias: masks are kept per conv / linear weight"):
+        on_filters(by_norm, {"bn1.bias": torch.ones(16, dtype=torch.bool)}, x)

@@ -385,6 +385,15 @@ def test_norm_scales_coupled_by_the_config(tmp_path: Path) -> None:
         dropped = ~record.support(name, 2)
         norm = pruned.get_submodule(name.removesuffix(".weight"))
         assert not bool(norm.weight[dropped].any()) and not bool(norm.bias[dropped].any())
+    # The path's order and prune --keep --compact work on the norms' channels too.
+    from dessilbi.cli import main
+    from dessilbi.subnet import ordered_mask
+
+    half = ordered_mask(record, 0.5)
+    assert half.counts() == {n: record.group_shape(n)[0] // 2 for n in record.names}
+    assert main(["prune", str(run_dir), "--keep", "0.5", "--compact", "--quiet"]) == 0
+    compact_dir = next(run_dir.glob("compact-*"))
+    assert "Parameters:" in (compact_dir / "report.md").read_text()
 
 
 def test_bf16_channels_last_trains_with_float32_state(tmp_path: Path) -> None:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dessilbi.config import ConfigError, TrainConfig, add_config_arguments, load_config
+
+if TYPE_CHECKING:
+    from dessilbi.subnet.masks import FilterMask
 
 __all__ = ["main"]
 
@@ -131,6 +137,9 @@ def _prune_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--epoch", type=int, help="the path's epoch (default: the last)")
     parser.add_argument("--keep", type=float, metavar="RATIO",
                         help="keep this share of every layer's filters, in the path's order")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N",
+                        help="with --keep: round every layer's kept filters up to a multiple "
+                        "of N (8: whole channel blocks of CPU and GPU kernels)")
     parser.add_argument("--mask", type=Path, metavar="FILE", help="a mask file (mask.json)")
     parser.add_argument("--flops", type=float, metavar="SHARE",
                         help="the longest stretch of the path whose compact network has at "
@@ -212,24 +221,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     if args.command == "export":
         return _export(args)
-    _interrupt_on_sigterm()
-    if args.command == "prune":
-        return _prune(args)
-    return _train(args)
+    with _interrupt_on_sigterm():
+        return _prune(args) if args.command == "prune" else _train(args)
 
 
-def _interrupt_on_sigterm() -> None:
-    """End training on SIGTERM (a scheduler's preemption, torchrun stopping its workers, a
-    ``kill``) as on Ctrl-C: the last complete epoch stays, and the message names the command
-    that continues. (A background job of a non-interactive shell ignores SIGINT.)"""
-    import signal
-    import threading
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """While training, end on SIGTERM (a scheduler's preemption, torchrun stopping its
+    workers, a ``kill``) as on Ctrl-C: the last complete epoch stays, and the message names the
+    command that continues. (A background job of a non-interactive shell ignores SIGINT.) The
+    previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -265,6 +278,10 @@ def _prune(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"dessilbi: {exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("dessilbi: interrupted outside training; files are written whole or not at all, "
+              "and the same command starts again", file=sys.stderr)
+        return 130
     except (ConfigError, DatasetError, CheckpointError, TrainingError, MaskFileError,
             ValueError, FileNotFoundError, ImportError) as exc:
         print(f"dessilbi: error: {exc}", file=sys.stderr)
@@ -285,7 +302,7 @@ def _prune_run(args: argparse.Namespace) -> int:
     if args.as_run and not args.compact:
         raise ValueError("--as-run writes the compact network as a run: add --compact")
     mask = choose_mask(args.run_dir, epoch=args.epoch, keep=args.keep, mask_file=args.mask,
-                       flops=args.flops, params=args.params)
+                       flops=args.flops, params=args.params, round_to=args.round_to)
     print(f"mask: {mask.kept} of {mask.total} filters kept ({mask.source.get('method')}, "
           f"epoch {mask.source.get('epoch', '-')})")
     target = args.run_dir
@@ -317,12 +334,15 @@ def _prune_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_compact_run(source: Path, target: Path, mask: Any) -> None:
+def _write_compact_run(source: Path, target: Path, mask: FilterMask) -> None:
+    from dessilbi.run_files import load_checkpoint
     from dessilbi.subnet.compact_run import compact_run
     from dessilbi.subnet.prune import mask_hash
 
-    # The fine-tuning run holds its mask; the source run takes the chosen one.
-    out = target.parent / f"{target.name}-compact-{mask_hash(mask, {})}"
+    # The fine-tuning run holds its mask; the source run takes the chosen one. The epoch in
+    # the name: a source trained on is compacted into another directory.
+    epoch = load_checkpoint(target / "checkpoint.pt")["epoch"]
+    out = target.parent / f"{target.name}-compact-{mask_hash(mask, {})}-e{epoch}"
     if (out / "checkpoint.pt").is_file():
         print(f"compact run: {out} exists already; train it on with "
               f"`dessilbi train --resume {out} --epochs N`")
@@ -367,7 +387,7 @@ def _train(args: argparse.Namespace) -> int:
               "and the same command starts again", file=sys.stderr)
         return 130
     except (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError,
-            FloatingPointError) as exc:
+            FloatingPointError, ImportError) as exc:
         # Bad input of every kind (invalid hyperparameters included) and a diverged run end
         # with one line naming the problem, not a traceback.
         print(f"dessilbi: error: {exc}", file=sys.stderr)

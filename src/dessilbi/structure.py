@@ -63,9 +63,9 @@ def structured_param_groups(
     conv: str | None = "filter",
     linear: str | None = "element",
     exclude: Sequence[str] = (),
-    norm: str | None = None,
     weight_decay: float | None = None,
     norm_weight_decay: float | None = 0.0,
+    norm: str | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`dessilbi.DessiLBI`, with the structure decided per layer type.
 
@@ -75,10 +75,11 @@ def structured_param_groups(
         conv: structure of ``Conv1d/2d/3d`` weights (``"filter"``, ``"channel"``, ``"element"``
             or None to leave them uncoupled).
         linear: structure of ``Linear`` weights.
-        norm: structure of the scales (affine weights) of normalisation layers: ``"element"``
-            couples each channel's scale γ_c as a group of its own (the quantity network
-            slimming ranks channels by; unlike a filter's norm behind a batch norm, the loss
-            is not invariant to it), None leaves them uncoupled. Their shifts stay uncoupled.
+        norm: structure of the scales (affine weights) of batch norms: ``"element"`` couples
+            each channel's scale γ_c as a group of its own (the quantity network slimming ranks
+            channels by; unlike a filter's norm behind a batch norm, the loss is not invariant
+            to it), None leaves them uncoupled. Their shifts stay uncoupled, and so do other
+            norms (a layer or group norm's channels are no filters that could be removed).
         exclude: glob patterns (``fnmatch``, case-sensitive) matched against module names
             (``"features.0"``, ``"fc*"``) and parameter names (``"fc.weight"``); matching
             parameters stay uncoupled.
@@ -134,8 +135,8 @@ def structured_param_groups(
                 buckets["conv"].append((full_name, param))
             elif is_weight and isinstance(module, nn.Linear) and linear is not None:
                 buckets["linear"].append((full_name, param))
-            elif (is_weight and norm is not None and isinstance(module, NORM_TYPES)
-                  and param.dim() == 1):
+            elif (is_weight and norm is not None
+                  and isinstance(module, nn.modules.batchnorm._BatchNorm) and param.dim() == 1):
                 buckets["norm"].append((full_name, param))
             elif param.dim() <= 1 or isinstance(module, NORM_TYPES):
                 buckets["no_decay"].append((full_name, param))

@@ -529,6 +529,7 @@ def train(
     optimizer_factory: OptimizerFactory | None = None,
     callbacks: Iterable[Callback] = (),
     mask_provider: MaskProvider | None = None,
+    architecture: Architecture | None = None,
 ) -> RunResult:
     """Train ``config`` (or continue the run in ``resume_dir``) and return its final figures.
 
@@ -548,6 +549,9 @@ def train(
             :func:`build_optimizer`).
         callbacks: hooks after every step and epoch; their state is saved in the checkpoint.
             On resume pass the same callbacks again (same names).
+        architecture: what a new run builds (and saves in its checkpoints) instead of the
+            registered ``config.model`` sized for the data set, e.g. a compact network's
+            (:attr:`Architecture.kept`). Ignored on resume (the checkpoint has it).
         mask_provider: ``provider(model, optimizer) -> masks``: the sparse network evaluated
             every epoch (``test_acc_sparse``). Default: Γ's support under DessiLBI, none
             otherwise. (The default is set up when the first optimizer is a DessiLBI; a
@@ -572,7 +576,7 @@ def train(
         data = _load_data(config, dist_info, device)
         if ckpt is not None:
             architecture = Architecture.from_dict(ckpt["architecture"])
-        else:
+        elif architecture is None:
             architecture = default_architecture(config, data)
         torch.manual_seed(config.seed)
         loop = _build_loop(

@@ -179,8 +179,11 @@ def compact(model: nn.Module, example_inputs: torch.Tensor, optimizer: Optimizer
         model: the network (a DDP wrapper is looked through); not modified.
         example_inputs: an input batch to trace the network (e.g. one zero image).
         optimizer: optional; its state is sliced into a new optimizer for the compact model.
-        keep: per conv / linear weight name, bool ``[out_channels]`` (True: kept); default: the
-            groups Γ selected (needs a DessiLBI ``optimizer``; filter-structured layers).
+        keep: per conv / linear weight name, bool ``[out_channels]`` (True: kept), or per
+            batch-norm scale name for the filters that norm follows
+            (:func:`~dessilbi.subnet.dependency.on_filters`); default: the groups Γ selected
+            (needs a DessiLBI ``optimizer``; filter-structured layers and coupled norm scales).
+            ``removed`` in the result is keyed by the conv / linear weights.
 
     Raises:
         ValueError: no ``keep`` and no optimizer to read Γ from, or a bad mask.

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from dessilbi.path_record import PathRecorder
@@ -25,6 +26,7 @@ from dessilbi.run_files import atomic_save, load_checkpoint
 from dessilbi.run_state import Architecture
 from dessilbi.runs import load_run
 from dessilbi.subnet.compact import compact
+from dessilbi.subnet.dependency import on_filters
 from dessilbi.subnet.masks import FilterMask, load_mask
 
 __all__ = ["compact_run"]
@@ -65,13 +67,14 @@ def compact_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     from dessilbi.batches import example_input
 
     example = example_input(loaded.config)
-    result = compact(loaded.model.eval(), example, loaded.optimizer,
-                     None if mask is None else mask.keep)
+    # Masks on norm scales (norm_structure) become masks of the filters those norms follow.
+    keep = None if mask is None else on_filters(loaded.model, mask.keep, example)
+    result = compact(loaded.model.eval(), example, loaded.optimizer, keep)
     assert result.optimizer is not None  # an optimizer was given
     if callbacks.pop(_PRUNE_MASK, None) is not None:
-        _check_all_removed(source, mask, result.removed)
+        _check_all_removed(source, keep, result.removed)
     architecture = Architecture(loaded.architecture.name, dict(loaded.architecture.kwargs),
-                                _kept(loaded.model, result.removed))
+                                _kept(loaded.model, result.removed, loaded.architecture.kept))
     result.model.train()
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -87,11 +90,19 @@ def compact_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     return target
 
 
-def _kept(model: nn.Module, removed: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Per layer that lost channels, the original indices of those it kept."""
+def _kept(model: nn.Module, removed: dict[str, list[int]],
+          before: dict[str, list[int]] | None) -> dict[str, list[int]]:
+    """Per layer, the indices into the registered model's layer of the channels kept: those
+    ``model`` (compacted ``before`` already, if given) keeps after ``removed`` go."""
     params = dict(model.named_parameters())
-    return {name: sorted(set(range(params[name].shape[0])) - set(idxs))
-            for name, idxs in removed.items() if idxs}
+    kept = dict(before or {})
+    for name, idxs in removed.items():
+        if not idxs:
+            continue
+        positions = sorted(set(range(params[name].shape[0])) - set(idxs))
+        origin = kept.get(name)  # the registered model's index of each current channel
+        kept[name] = positions if origin is None else [origin[i] for i in positions]
+    return kept
 
 
 def _callback_states(source: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -108,10 +119,10 @@ def _callback_states(source: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return states
 
 
-def _check_all_removed(source: Path, mask: FilterMask | None,
+def _check_all_removed(source: Path, keep: dict[str, torch.Tensor] | None,
                        removed: dict[str, list[int]]) -> None:
-    assert mask is not None
-    for name, kept in mask.keep.items():
+    assert keep is not None
+    for name, kept in keep.items():
         pruned = (~kept).nonzero().view(-1).tolist()
         if sorted(removed.get(name, [])) != pruned:
             raise ValueError(f"{source}: its fixed mask holds channels of {name} at zero that "

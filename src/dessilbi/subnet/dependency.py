@@ -86,16 +86,28 @@ def filter_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, st
 
 def on_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
                example_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``keep`` with every mask on a norm layer's scale (``norm_structure: element``: Γ on the
+    """``keep`` with every mask on a batch norm's scale (``norm_structure: element``: Γ on the
     batch-norm scales selects channels) moved to the conv / linear weight whose output channels
     that norm normalises; a layer masked both ways keeps the channels both keep.
 
     Raises:
-        ValueError: a norm scale that no conv / linear layer feeds directly (after an addition,
-            say), so no filter can be removed with its channel.
+        ValueError: a mask on a norm's scale of the wrong length, or on a norm that no conv /
+            linear layer feeds directly (after an addition, say), so no filter can be removed
+            with its channel; a mask on anything that is neither a layer's nor a norm's weight.
     """
     modules = dict(model.named_modules())
-    norm_names = [n for n in keep if isinstance(modules.get(n.rpartition(".")[0]), _NORMS)]
+    norm_names = []
+    for name, kept in keep.items():
+        module_name, _, param = name.rpartition(".")
+        module = modules.get(module_name)
+        if isinstance(module, _NORMS) and param == "weight":
+            if kept.dim() != 1 or kept.numel() != module.weight.shape[0]:
+                raise ValueError(f"{name}: mask of shape {tuple(kept.shape)}, expected "
+                                 f"[{module.weight.shape[0]}] (one entry per channel)")
+            norm_names.append(name)
+        elif module is not None and not (isinstance(module, LAYER_TYPES) and param == "weight"):
+            raise ValueError(f"{name}: masks are kept per conv / linear weight or batch-norm "
+                             "scale; this is neither")
     if not norm_names:
         return dict(keep)
     producer = {f"{norm}.weight": weight

@@ -121,25 +121,35 @@ def support_mask(record: PathRecord, epoch: int | None = None) -> FilterMask:
 
 def path_order(record: PathRecord, name: str, epoch: int) -> torch.Tensor:
     """Group indices of layer ``name`` in the paper's order: entry step ascending (groups
-    entered after ``epoch`` or never come last), ties by ‖W_g‖ at ``epoch`` descending."""
+    entered after ``epoch`` or never come last), ties by ‖W_g‖ at ``epoch`` descending (for a
+    norm's scales, whose per-entry norms the path does not keep, by channel index)."""
     index = record.epochs.index(epoch)
     step = record.steps[index]
     groups = record.group_shape(name, epoch)[0]
     entry = record.entry_step(name)[:groups].double()
     entry[(entry < 0) | (entry > step)] = math.inf
-    norms = record.group_norms(name)[index, :groups].double().nan_to_num(0.0)
+    if record.structure(name) == "element":
+        # A norm's scales: the path keeps no per-entry norms, so ties stay in channel order.
+        norms = torch.zeros(groups, dtype=torch.float64)
+    else:
+        norms = record.group_norms(name)[index, :groups].double().nan_to_num(0.0)
     # Sort by norm first, then stably by entry: entry ascending, norm descending among ties.
     by_norm = norms.argsort(descending=True, stable=True)
     return by_norm[entry[by_norm].argsort(stable=True)]
 
 
 def ordered_mask(record: PathRecord, keep: float | Mapping[str, float],
-                 epoch: int | None = None) -> FilterMask:
+                 epoch: int | None = None, round_to: int = 1) -> FilterMask:
     """The first groups in the paper's order (:func:`path_order`) at ``epoch``.
 
     ``keep`` is a ratio in (0, 1] for every layer, or a ratio per layer name (layers not named
-    keep everything); each layer keeps ``ceil(ratio · groups)`` groups, at least one.
+    keep everything); each layer keeps ``ceil(ratio · groups)`` groups, at least one, rounded
+    up to a multiple of ``round_to`` (at most all): CPU and GPU convolution kernels work on
+    channel blocks (8 or 16 floats wide), so a layer of 5 channels costs about what one of 8
+    does.
     """
+    if round_to < 1:
+        raise ValueError(f"round_to: {round_to!r} (expected an integer >= 1)")
     at = _epoch(record, epoch)
     out = {}
     for name in _filter_layers(record, at):
@@ -147,12 +157,14 @@ def ordered_mask(record: PathRecord, keep: float | Mapping[str, float],
         if not 0 < ratio <= 1:
             raise ValueError(f"keep ratio of {name}: {ratio!r} (expected a ratio in (0, 1])")
         order = path_order(record, name, at)
+        count = max(1, math.ceil(ratio * order.numel()))
+        count = min(order.numel(), math.ceil(count / round_to) * round_to)
         kept = torch.zeros(order.numel(), dtype=torch.bool)
-        kept[order[: max(1, math.ceil(ratio * order.numel()))]] = True
+        kept[order[:count]] = True
         out[name] = kept
     ratios = dict(keep) if isinstance(keep, Mapping) else keep
-    return FilterMask(out, {"method": "path_order", "epoch": at, "keep": ratios,
-                            "path": record.source})
+    source = {"method": "path_order", "epoch": at, "keep": ratios, "path": record.source}
+    return FilterMask(out, source if round_to == 1 else {**source, "round_to": round_to})
 
 
 def l1_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int],

@@ -43,11 +43,16 @@ def example_input(run: LoadedRun) -> torch.Tensor:
 
 def choose_mask(run_dir: str | os.PathLike[str], *, epoch: int | None = None,
                 keep: float | None = None, mask_file: str | os.PathLike[str] | None = None,
-                flops: float | None = None, params: float | None = None) -> FilterMask:
-    """A run's mask: ``mask_file``; else the paper's order filled to ``keep`` at ``epoch``;
-    else the longest stretch of the path whose compact network has at most the share
-    ``flops`` of the dense FLOPs and ``params`` of its parameters; else Γ's support at
-    ``epoch`` (default: the last recorded epoch)."""
+                flops: float | None = None, params: float | None = None,
+                round_to: int = 1) -> FilterMask:
+    """A run's mask: ``mask_file``; else the paper's order filled to ``keep`` at ``epoch``
+    (each layer's count rounded up to a multiple of ``round_to``); else the longest stretch of
+    the path whose compact network has at most the share ``flops`` of the dense FLOPs and
+    ``params`` of its parameters; else Γ's support at ``epoch`` (default: the last recorded
+    epoch)."""
+    if round_to != 1 and keep is None:
+        raise ValueError("--round-to rounds the counts of --keep, and only those: use it with "
+                         "--keep")
     others = (keep, epoch, flops, params)
     if mask_file is not None and any(x is not None for x in others):
         raise ValueError("--mask gives the mask itself; leave out --keep, --epoch and budgets")
@@ -58,7 +63,9 @@ def choose_mask(run_dir: str | os.PathLike[str], *, epoch: int | None = None,
     record = load_path(Path(run_dir) / "path.pt")
     if flops is not None or params is not None:
         return _budget(run_dir, record, epoch, flops, params)
-    return support_mask(record, epoch) if keep is None else ordered_mask(record, keep, epoch)
+    if keep is None:
+        return support_mask(record, epoch)
+    return ordered_mask(record, keep, epoch, round_to)
 
 
 def _budget(run_dir: str | os.PathLike[str], record: Any, epoch: int | None,
@@ -110,10 +117,12 @@ def finetune(run_dir: str | os.PathLike[str], mask: FilterMask, epochs: int,
     config = load_config(None, values)
     out_dir = Path(config.out) / config.run_directory_name()
     resume = out_dir if (out_dir / "checkpoint.pt").is_file() else None
-    result = train(config, resume_dir=resume, init_weights=model.state_dict(),
-                   callbacks=[FixedMask(masks, name="PruneMask")], quiet=quiet)
-    mask.save(result.run_dir / "mask.json")
-    return result
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask.save(out_dir / "mask.json")  # before training: an interrupted run has it too
+    # The source's architecture: a compact run's network is fine-tuned as it is.
+    return train(config, resume_dir=resume, init_weights=model.state_dict(),
+                 architecture=source.architecture,
+                 callbacks=[FixedMask(masks, name="PruneMask")], quiet=quiet)
 
 
 def save_compact(result: CompactResult, architecture: Architecture, keep: FilterMask,
