@@ -43,6 +43,8 @@ RUNS = {
     "sgd": {"optimizer": "sgd"},
     # Γ on the batch-norm scales instead of the filters: one group per channel.
     "bn": {"conv_structure": None, "norm_structure": "element"},
+    # Calibrated over epoch 3, after the first epochs' transient, for a start in epoch 6.
+    "dessilbi_c3": {"selection_calibration": 3, "selection_start": 6},
 }
 
 
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument("phase", choices=("train", "compare"))
     parser.add_argument("--only", choices=tuple(RUNS), nargs="*", default=list(RUNS))
     parser.add_argument("--model", choices=("resnet20", "vgg16_bn"), default="resnet20")
-    parser.add_argument("--variant", choices=("dessilbi", "bn"), default="dessilbi",
+    parser.add_argument("--variant", choices=("dessilbi", "bn", "dessilbi_c3"), default="dessilbi",
                         help="the DessiLBI run that compare reads")
     parser.add_argument("--train-subset", type=int, default=None,
                         help="train on this many images (a seeded subset)")

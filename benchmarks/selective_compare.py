@@ -136,7 +136,8 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
     results = [pruned_accuracies(runs["dessilbi"], record, epoch, accuracy, recalibrate)
                for recalibrate in (False, True) for epoch in epochs]
     hists = {name: read_history(path) for name, path in runs.items()}
-    text = write_markdown(args, record, hists, results)
+    config = load_config(runs["dessilbi"] / "config.yaml")
+    text = write_markdown(args, record, hists, results, config)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "pruned": results,
@@ -147,14 +148,17 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
 _COUPLING = {
     "dessilbi": "filter groups on every conv",
     "bn": "Γ on the batch-norm scales (one group per channel; convs uncoupled)",
+    "dessilbi_c3": "filter groups on every conv (start and calibration overriding the "
+                   "config's)",
 }
 
 
 def write_markdown(args: argparse.Namespace, record: PathRecord,
-                   hists: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]]) -> str:
+                   hists: dict[str, list[dict[str, Any]]], results: list[dict[str, Any]],
+                   c: TrainConfig) -> str:
+    """The table; ``c``: the DessiLBI run's config."""
     lbi, sgd = hists["dessilbi"], hists["sgd"]
     config = f"cifar10_{args.model}_selective"
-    c = load_config(config)
     subset = f"a seeded subset of {args.train_subset} training images" if args.train_subset \
         else "all 50,000 training images"
     flags = f" --model {args.model}" if args.model != "resnet20" else ""

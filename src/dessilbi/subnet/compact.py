@@ -272,8 +272,9 @@ def _rebuilt(optimizer: Optimizer, model: nn.Module, net: nn.Module, tracker: _T
         groups.append({**options, "params": [params[n] for n in names]})
     # Only the defaults the class takes: torch's load_state_dict adds others ("differentiable").
     accepted = inspect.signature(type(optimizer)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     fresh = type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items()
-                                       if k in accepted})
+                                       if takes_any or k in accepted})
     for attribute in ("nonfinite",):  # DessiLBI's settings outside the param groups
         if hasattr(optimizer, attribute):
             setattr(fresh, attribute, getattr(optimizer, attribute))
