@@ -168,3 +168,7 @@ def test_a_compact_run_continues_from_the_sliced_state(
         assert len(kept) == ckpt["model"][name].shape[0], name
     twice.build().load_state_dict(ckpt["model"])
     assert Architecture.from_dict(twice.to_dict()) == twice
+    # A compact run is fine-tuned as it is: its architecture goes into the fine-tuning run.
+    assert main(["prune", str(out), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]) == 0
+    tuned = next(p for p in source.parent.iterdir() if p.name.startswith(f"{out.name}-prune"))
+    assert load_run(tuned).architecture == continued.architecture
