@@ -45,16 +45,14 @@ class Architecture:
     def _compacted(self, model: nn.Module) -> nn.Module:
         # The subnet package needs torch-pruning, an optional extra: imported only here.
         from dessilbi.subnet.compact import compact
+        from dessilbi.subnet.masks import keep_from_indices
 
+        kept = self.kept or {}
         params = dict(model.named_parameters())
-        unknown = [name for name in self.kept or {} if name not in params]
+        unknown = [name for name in kept if name not in params]
         if unknown:
             raise ValueError(f"compact architecture of {self.name}: no layer {unknown[0]}")
-        keep = {}
-        for name, kept in (self.kept or {}).items():
-            mask = torch.zeros(params[name].shape[0], dtype=torch.bool)
-            mask[torch.tensor(kept, dtype=torch.long)] = True
-            keep[name] = mask
+        keep = keep_from_indices(kept, {name: params[name].shape[0] for name in kept})
         size = int(self.kwargs.get("image_size", 32))  # build_model's defaults
         example = torch.zeros(1, int(self.kwargs.get("in_channels", 3)), size, size)
         return compact(model, example, keep=keep).model.train()

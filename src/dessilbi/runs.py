@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dessilbi.config import ConfigError, TrainConfig, load_config
-from dessilbi.optim.proximal import group_axis, selects_channels
+from dessilbi.optim.proximal import group_axis
 from dessilbi.path_record import PathRecord, load_path
 from dessilbi.run_files import CheckpointError, load_checkpoint, load_model_file
 from dessilbi.run_state import Architecture
@@ -131,11 +131,9 @@ def _prune_unselected(model: nn.Module, record: PathRecord, epoch: int,
     """Zero the biases and norm affine of the filters unselected at ``epoch`` as well."""
     from dessilbi.batches import example_input
     from dessilbi.data import DatasetError
-    from dessilbi.subnet import zero_pruned_filters
+    from dessilbi.subnet import support_mask, zero_pruned_filters
 
-    keep = {name: record.support(name, epoch) for name in record.names
-            if selects_channels(record.structure(name), len(record.group_shape(name, epoch)))
-            and any(record.group_shape(name, epoch))}
+    keep = support_mask(record, epoch).keep
     try:
         example = example_input(config)
     except DatasetError as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,14 +87,24 @@ def load_mask(file: str | os.PathLike[str]) -> FilterMask:
         data = json.loads(path.read_text())
         if data.get("format") != MASK_FORMAT or data.get("version") != _MASK_VERSION:
             raise ValueError(f"not a {MASK_FORMAT} version {_MASK_VERSION} file")
-        keep = {}
-        for name, layer in data["layers"].items():
-            kept = torch.zeros(int(layer["groups"]), dtype=torch.bool)
-            kept[torch.tensor(layer["kept"], dtype=torch.long)] = True
-            keep[name] = kept
+        layers = data["layers"]
+        keep = keep_from_indices({n: layer["kept"] for n, layer in layers.items()},
+                                 {n: layer["groups"] for n, layer in layers.items()})
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise MaskFileError(f"{path}: cannot be read as a mask ({exc})") from exc
     return FilterMask(keep, dict(data.get("source", {})))
+
+
+def keep_from_indices(kept: Mapping[str, Sequence[int]], sizes: Mapping[str, int]
+                      ) -> dict[str, torch.Tensor]:
+    """Bool masks ``[sizes[name]]``, True at the ``kept[name]`` indices (the form in which mask
+    files and compact architectures store them)."""
+    out = {}
+    for name, indices in kept.items():
+        mask = torch.zeros(int(sizes[name]), dtype=torch.bool)
+        mask[torch.tensor(list(indices), dtype=torch.long)] = True
+        out[name] = mask
+    return out
 
 
 def _filter_layers(record: PathRecord, epoch: int) -> list[str]:

@@ -27,7 +27,13 @@ from dessilbi.run_state import Architecture
 from dessilbi.runs import LoadedRun, load_run
 from dessilbi.subnet.compact import CompactResult, compact
 from dessilbi.subnet.dependency import channel_masks, zero_pruned_filters
-from dessilbi.subnet.masks import FilterMask, load_mask, ordered_mask, support_mask
+from dessilbi.subnet.masks import (
+    FilterMask,
+    keep_from_indices,
+    load_mask,
+    ordered_mask,
+    support_mask,
+)
 
 __all__ = ["choose_mask", "example_input", "finetune", "load_compact", "mask_hash", "save_compact"]
 
@@ -149,11 +155,7 @@ def load_compact(folder: str | os.PathLike[str], example_inputs: torch.Tensor) -
         if description.get("format") != COMPACT_FORMAT:
             raise ValueError(f"not a {COMPACT_FORMAT} description")
         architecture = Architecture.from_dict(description["architecture"])
-        keep = {}
-        for name, kept in description["kept"].items():
-            mask = torch.zeros(int(description["groups"][name]), dtype=torch.bool)
-            mask[torch.tensor(kept, dtype=torch.long)] = True
-            keep[name] = mask
+        keep = keep_from_indices(description["kept"], description["groups"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{root / 'compact.json'}: cannot be read ({exc})") from exc
     with torch.random.fork_rng(devices=[]):
