@@ -45,6 +45,9 @@ RUNS = {
     "bn": {"conv_structure": None, "norm_structure": "element"},
     # Calibrated over epoch 3, after the first epochs' transient, for a start in epoch 6.
     "dessilbi_c3": {"selection_calibration": 3, "selection_start": 6},
+    # A ten times stronger pull (nu 10): W_g forgets its initialisation within about 1/(lr/nu)
+    # steps, so by the calibration (epoch 3) V grows with what the data made of W_g; a later start.
+    "pull": {"nu": 10, "selection_calibration": 3, "selection_start": 7},
 }
 
 
@@ -81,7 +84,7 @@ def main() -> None:
     parser.add_argument("phase", choices=("train", "compare"))
     parser.add_argument("--only", choices=tuple(RUNS), nargs="*", default=list(RUNS))
     parser.add_argument("--model", choices=("resnet20", "vgg16_bn"), default="resnet20")
-    parser.add_argument("--variant", choices=("dessilbi", "bn", "dessilbi_c3"), default="dessilbi",
+    parser.add_argument("--variant", choices=[n for n in RUNS if n != "sgd"], default="dessilbi",
                         help="the DessiLBI run that compare reads")
     parser.add_argument("--train-subset", type=int, default=None,
                         help="train on this many images (a seeded subset)")

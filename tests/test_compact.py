@@ -104,6 +104,45 @@ def test_the_compact_model_computes_what_the_masked_model_computes(name: str) ->
         assert result.model.depthwise[0].out_channels == int(keep["expand.0.weight"].sum())
 
 
+@pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "inverted_residual"])
+def test_folding_batch_norms_keeps_the_outputs_and_removes_the_norms(name: str) -> None:
+    """The latency report times the dense and the compact network with their batch norms
+    folded into the convolutions: the folded copies compute what the networks compute (to
+    1e-4, trained running statistics), hold no batch norm, and leave the originals as they were."""
+    from dessilbi.subnet.report import fold_batch_norms
+
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    randomise(model)
+    example = torch.zeros(1, *shape)
+    small = compact(model, example, keep=random_keep(
+        model, 0.5, seed=1, skip=("depthwise.0.weight",))).model.eval()
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
+    for net in (model, small):
+        norms = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        folded = fold_batch_norms(net)
+        assert norms > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == norms
+        with torch.no_grad():
+            assert (folded(x) - net(x)).abs().max() <= 1e-4
+
+
+def test_folding_an_untraceable_model_names_it() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    from dessilbi.subnet.report import fold_batch_norms
+
+    with pytest.raises(ValueError, match="cannot fold the batch norms of DataDependent"):
+        fold_batch_norms(DataDependent())
+
+
 def test_vgg_parameters_and_flops_are_those_of_the_narrow_network() -> None:
     """VGG-16-BN has no ties: its compact model is the VGG of the kept widths, with that
     network's parameter count and FLOPs (torch's FlopCounterMode)."""
