@@ -48,6 +48,8 @@ RUNS = {
     # A ten times stronger pull (nu 10): W_g forgets its initialisation within about 1/(lr/nu)
     # steps, so by the calibration (epoch 3) V grows with what the data made of W_g; a later start.
     "pull": {"nu": 10, "selection_calibration": 3, "selection_start": 7},
+    # The shipped pull (nu 100), calibrated over epoch 3 for a start in epoch 7.
+    "late": {"selection_calibration": 3, "selection_start": 7},
 }
 
 

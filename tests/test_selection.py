@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,12 @@ def _lams(run_dir: Path) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = tmp_path_factory.mktemp("runs")
-    return train(_config(out, selection_start=START), model=WithProbes(), quiet=True)
+    # nu 70 at lr 0.1 forgets the initial weights over 700 steps, the digits' 23-step epochs
+    # not in one: the calibration says so.
+    with pytest.warns(UserWarning, match=r"time constant nu/\(kappa\*lr\) is 700 steps, but "
+                      r"the last calibration epoch began after 0; .*later than epoch 5: "
+                      r"calibrate over 33 epochs"):
+        return train(_config(out, selection_start=START), model=WithProbes(), quiet=True)
 
 
 def test_every_layer_starts_selecting_in_the_chosen_epoch(calibrated: Any) -> None:
@@ -122,6 +128,25 @@ def test_a_resumed_calibrated_run_continues_bitwise(calibrated: Any, tmp_path: P
                             resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert _lams(resumed.run_dir) == _lams(calibrated.run_dir)
+
+
+def test_calibration_warns_only_before_the_pull_has_settled() -> None:
+    """The warning compares the pull's time constant ν/(κ·lr) with the steps before the last
+    calibration epoch: quiet once those cover it."""
+    from types import SimpleNamespace
+
+    from dessilbi.selection import _warn_if_unsettled, settling_steps
+
+    group = {"structure": "filter", "nu": 0.5, "kappa": 1.0, "lr": 0.01}
+    assert settling_steps(group) == pytest.approx(50.0)
+    run = SimpleNamespace(step=200, epoch=2, optimizer=SimpleNamespace(param_groups=[
+        group, {"structure": None, "nu": 1e9, "kappa": 1.0, "lr": 1e-9}]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_unsettled(run, calibration=2, start=5)  # type: ignore[arg-type]  # 100 >= 50
+    with pytest.warns(UserWarning, match="is 50 steps, but the last calibration epoch began "
+                      "after 0; .*calibrate over 2 epochs"):
+        _warn_if_unsettled(run, calibration=1, start=5)  # type: ignore[arg-type]
 
 
 def test_threshold_rule_and_bad_settings() -> None:

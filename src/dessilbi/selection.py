@@ -23,6 +23,8 @@ callback's state and in ``metrics.jsonl`` (``selection_lam`` at the calibration 
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,7 +36,8 @@ from dessilbi.optim.proximal import group_norms
 if TYPE_CHECKING:
     from dessilbi.run_state import TrainingRun
 
-__all__ = ["CALIBRATING_LAM", "StartEpochThresholds", "split_coupled_groups", "start_thresholds"]
+__all__ = ["CALIBRATING_LAM", "StartEpochThresholds", "settling_steps", "split_coupled_groups",
+           "start_thresholds"]
 
 #: λ of every coupled layer during the calibration: larger than any ‖V_g‖ can get.
 CALIBRATING_LAM = 1e30
@@ -75,6 +78,33 @@ def start_thresholds(before: torch.Tensor, after: torch.Tensor, epochs_left: flo
     norm of the calibration) so that nothing would have entered before."""
     predicted = after + epochs_left * (after - before)
     return max(float(predicted.max()), seen_max * (1 + 1e-9))
+
+
+def settling_steps(group: dict[str, Any]) -> float:
+    """The coupling pull's time constant ν/(κ·lr) in steps: a group the loss does not sustain
+    keeps e⁻¹ of its initial W after this many steps (at the group's current lr)."""
+    rate = group["kappa"] * group["lr"] / group["nu"]
+    return math.inf if rate <= 0 else 1 / rate
+
+
+def _warn_if_unsettled(run: TrainingRun, calibration: int, start: int) -> None:
+    """Warn when the last calibration epoch began before W had forgotten its initialisation:
+    V's growth then still carries W(0)'s decay, and the linear extrapolation sets λ for a start
+    that can come epochs late (LeNet-5 on MNIST, calibrated over epoch 1: nothing by epoch 11)."""
+    steps_per_epoch = run.step / max(run.epoch, 1)
+    settled_after = (calibration - 1) * steps_per_epoch
+    slowest = max((settling_steps(group) for group in run.optimizer.param_groups
+                   if group.get("structure") is not None), default=0.0)
+    if settled_after >= slowest:
+        return
+    advice = (f"calibrate over {1 + math.ceil(slowest / steps_per_epoch)} epochs "
+              "(selection_calibration) or pull harder (a smaller nu)"
+              if math.isfinite(slowest) else "the coupling has no pull (lr or kappa is 0)")
+    warnings.warn(
+        f"selection_start: the pull's time constant nu/(kappa*lr) is {slowest:.0f} steps, but "
+        f"the last calibration epoch began after {settled_after:.0f}; V's growth still carries "
+        f"the initial weights' decay, so selection may start later than epoch {start}: "
+        f"{advice}", stacklevel=2)
 
 
 class StartEpochThresholds(Callback):
@@ -142,6 +172,7 @@ class StartEpochThresholds(Callback):
         if run.epoch < self.calibration:
             return None
         left = self.start - 0.5 - self.calibration
+        _warn_if_unsettled(run, self.calibration, self.start)
         for name, group, _ in self._coupled(run):
             if name not in norms:
                 continue  # no gradient reached it yet: it stays unselectable
