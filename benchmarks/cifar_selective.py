@@ -50,6 +50,9 @@ RUNS = {
     "pull": {"nu": 10, "selection_calibration": 3, "selection_start": 7},
     # The shipped pull (nu 100), calibrated over epoch 3 for a start in epoch 7.
     "late": {"selection_calibration": 3, "selection_start": 7},
+    # VGG on the full training set: the pull's time constant nu/(kappa*lr) = 2000 steps at
+    # lr 0.05 is 2.6 epochs of 782 steps; calibrated over epoch 4, after it, for epoch 8.
+    "settled": {"selection_calibration": 4, "selection_start": 8},
 }
 
 

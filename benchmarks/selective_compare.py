@@ -172,7 +172,8 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         f"{c.momentum:g}, wd {c.weight_decay:g}, crop + flip, "
         "CIFAR-10 JPEG copy, bf16 autocast + channels-last on CPU "
         f"({args.threads} thread(s), torch {torch.__version__}, {platform.machine()}). "
-        f"DessiLBI: ν {c.nu:g}, κ {c.kappa:g}, {_COUPLING[args.variant]}, classifier "
+        f"DessiLBI: ν {c.nu:g}, κ {c.kappa:g}, "
+        f"{_COUPLING.get(args.variant, _COUPLING['dessilbi_c3'])}, classifier "
         f"uncoupled, `selection_start: {c.selection_start}` (λ per layer calibrated over "
         f"{c.selection_calibration} epoch(s)). SGD: the same config with `optimizer: sgd`.",
         "",
