@@ -93,6 +93,29 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path: Path, sent: int
     assert resumed.returncode == 0 and f"resuming {run} from epoch 1 of 3" in resumed.stdout
 
 
+@pytest.mark.parametrize("rank", [None, "0", "1"])
+def test_only_rank_0_says_it_was_interrupted(
+        rank: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under torchrun every worker is stopped alike: one line from rank 0, status 130 from all."""
+    import dessilbi.train
+    from dessilbi.cli import main
+    from dessilbi.run_files import TrainingInterrupted
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise TrainingInterrupted("interrupted in epoch 2; runs/x keeps the checkpoint of epoch 1")
+
+    monkeypatch.setattr(dessilbi.train, "train", stopped)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--epochs", "1", "--quiet"]) == 130
+    said = capsys.readouterr().err
+    assert said == ("" if rank == "1" else
+                    "dessilbi: interrupted in epoch 2; runs/x keeps the checkpoint of epoch 1\n")
+
+
 def test_results_without_a_checkpoint_are_not_overwritten(tmp_path: Path) -> None:
     config = load_config("digits", {"epochs": 1, "out": str(tmp_path)})
     run = train(config, quiet=True).run_dir

@@ -268,6 +268,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_interrupted(exc: Exception) -> None:
+    """One line for the user; under torchrun only from rank 0, since every worker stops alike
+    and the line (which checkpoint is kept, how to go on) is the same for all."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"dessilbi: {exc}", file=sys.stderr)
+
+
 def _prune(args: argparse.Namespace) -> int:
     from dessilbi.data import DatasetError
     from dessilbi.run_files import CheckpointError, TrainingError, TrainingInterrupted
@@ -276,7 +283,7 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         return _prune_run(args)
     except TrainingInterrupted as exc:
-        print(f"dessilbi: {exc}", file=sys.stderr)
+        _say_interrupted(exc)
         return 130
     except KeyboardInterrupt:
         print("dessilbi: interrupted outside training; files are written whole or not at all, "
@@ -380,7 +387,7 @@ def _train(args: argparse.Namespace) -> int:
             config = load_config(args.config or "digits", overrides)
         result = train(config, resume_dir=args.resume, quiet=args.quiet, log_every=args.log_every)
     except TrainingInterrupted as exc:
-        print(f"dessilbi: {exc}", file=sys.stderr)
+        _say_interrupted(exc)
         return 130  # the shell's status for an end by SIGINT
     except KeyboardInterrupt:
         print("dessilbi: interrupted while setting up, before training; nothing was changed, "
