@@ -268,7 +268,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_interrupted(exc: Exception) -> None:
+def _say_interrupted(exc: BaseException) -> None:
     """One line for the user; under torchrun only from rank 0, since every worker stops alike
     and the line (which checkpoint is kept, how to go on) is the same for all."""
     if os.environ.get("RANK", "0") == "0":
