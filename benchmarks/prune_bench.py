@@ -63,8 +63,9 @@ def source_configs(task: str, args: argparse.Namespace) -> dict[str, TrainConfig
             for name in ("dessilbi", "sgd")}
     common = {"data_dir": args.data_dir or "../shared/data/cifar10-jpeg", "threads": 1,
               "device": "cpu", "out": "runs/bench-selective", "epochs": 20, "seed": 0}
+    # The runs were made when the config started selection in epoch 4 (calibrated over 1).
     return {name: load_config("cifar10_resnet20_selective", {
-        **common, "optimizer": name,
+        **common, "optimizer": name, "selection_start": 4, "selection_calibration": 1,
         "run_name": f"cifar10-resnet20-selective-{name}-e20-s0"}) for name in ("dessilbi", "sgd")}
 
 

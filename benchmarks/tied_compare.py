@@ -5,6 +5,7 @@ Usage (after ``benchmarks/cifar_selective.py train --only dessilbi`` and the tie
 
     .venv/bin/dessilbi train --config cifar10_resnet20_selective \\
         --data-dir ../shared/data/cifar10-jpeg --conv-structure tied --threads 1 --device cpu \\
+        --selection-start 4 --selection-calibration 1 \\
         --out runs/bench-selective --run-name cifar10-resnet20-selective-tied-e20-s0
     .venv/bin/python benchmarks/tied_compare.py
 
