@@ -91,7 +91,8 @@ def train_run(name: str, args: argparse.Namespace) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("phase", choices=("train", "compare"))
-    parser.add_argument("--only", choices=tuple(RUNS), nargs="*", default=list(RUNS))
+    parser.add_argument("--only", choices=tuple(RUNS), nargs="+", default=None,
+                        help="the runs to train (train needs it: each is a long run)")
     parser.add_argument("--model", choices=("resnet20", "vgg16_bn"), default="resnet20")
     parser.add_argument("--variant", choices=[n for n in RUNS if n != "sgd"], default="dessilbi",
                         help="the DessiLBI run that compare reads")
@@ -110,6 +111,8 @@ def main() -> None:
             ([args.variant] if args.variant != "dessilbi" else [])
         args.out = Path("benchmarks/results") / ("_".join(parts) + ".md")
     if args.phase == "train":
+        if not args.only:
+            parser.error("train needs --only: the runs to train, e.g. --only late sgd")
         for name in args.only:
             print(f"{name}: {train_run(name, args)}", flush=True)
         return

@@ -47,7 +47,7 @@ from dessilbi.subnet import (
     random_mask,
 )
 from dessilbi.subnet.prune import example_input, finetune
-from dessilbi.subnet.report import fold_batch_norms, latency, layer_flops
+from dessilbi.subnet.report import count_batch_norms, fold_batch_norms, latency, layer_flops
 from selective_compare import _evaluator
 
 RATIOS = (0.7, 0.5, 0.3)
@@ -108,7 +108,8 @@ def speed(run_dir: Path, mask: FilterMask) -> dict[str, Any]:
     small = compact(run.model, example, keep=mask.keep).model
     x = torch.randn(64, *example.shape[1:], generator=torch.Generator().manual_seed(0))
     dense_time, compact_time = latency(run.model, x, 1), latency(small, x, 1)
-    folded = latency(fold_batch_norms(run.model), x, 1) / latency(fold_batch_norms(small), x, 1)
+    folded = latency(fold_batch_norms(run.model), x, 1) / latency(fold_batch_norms(small), x, 1) \
+        if count_batch_norms(run.model) else None  # nothing to fold (LeNet-5)
     dense_flops, compact_flops = layer_flops(run.model, example)[""], layer_flops(
         small, example)[""]
     return {"speedup": dense_time / compact_time, "speedup_folded": folded,
@@ -162,7 +163,7 @@ def write_markdown(task: str, args: argparse.Namespace, runs: dict[str, Path],
 
 
 def _folded(cell: dict[str, Any]) -> str:
-    if "speedup_folded" not in cell:  # recorded before folded latency was measured
+    if cell.get("speedup_folded") is None:  # no batch norm, or recorded before
         return "– | –"
     return f"{cell['speedup_folded']:.2f}x | {cell['speedup_folded'] / cell['flop_reduction']:.2f}"
 

@@ -34,10 +34,20 @@ def selected_fraction(record: PathRecord, epoch: int) -> float:
     return kept / sum(record.group_shape(n)[0] for n in record.names)
 
 
+#: How far from a target fraction the closest epoch may be and still stand for it.
+TARGET_TOLERANCE = 0.1
+
+
 def target_epochs(record: PathRecord, available: set[int]) -> dict[float, int]:
-    """For each target fraction, the recorded epoch (with saved weights) closest to it."""
+    """For each target fraction, the recorded epoch (with saved weights) closest to it, where
+    one comes within :data:`TARGET_TOLERANCE` (a path that never got there has none)."""
     epochs = [e for e in record.epochs if e in available]
-    return {t: min(epochs, key=lambda e: abs(selected_fraction(record, e) - t)) for t in TARGETS}
+    out = {}
+    for target in TARGETS:
+        closest = min(epochs, key=lambda e: abs(selected_fraction(record, e) - target))
+        if abs(selected_fraction(record, closest) - target) <= TARGET_TOLERANCE:
+            out[target] = closest
+    return out
 
 
 RECALIBRATION_IMAGES = 2048
@@ -145,12 +155,7 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
     print(text)
 
 
-_COUPLING = {
-    "dessilbi": "filter groups on every conv",
-    "bn": "Γ on the batch-norm scales (one group per channel; convs uncoupled)",
-    "dessilbi_c3": "filter groups on every conv (start and calibration overriding the "
-                   "config's)",
-}
+_COUPLING = {"bn": "Γ on the batch-norm scales (one group per channel; convs uncoupled)"}
 
 
 def write_markdown(args: argparse.Namespace, record: PathRecord,
@@ -173,7 +178,7 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         "CIFAR-10 JPEG copy, bf16 autocast + channels-last on CPU "
         f"({args.threads} thread(s), torch {torch.__version__}, {platform.machine()}). "
         f"DessiLBI: ν {c.nu:g}, κ {c.kappa:g}, "
-        f"{_COUPLING.get(args.variant, _COUPLING['dessilbi_c3'])}, classifier "
+        f"{_COUPLING.get(args.variant, 'filter groups on every conv')}, classifier "
         f"uncoupled, `selection_start: {c.selection_start}` (λ per layer calibrated over "
         f"{c.selection_calibration} epoch(s)). SGD: the same config with `optimizer: sgd`.",
         "",
@@ -203,6 +208,10 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         "| random |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if not results:
+        lines.append(f"| – | – | no recorded epoch held within {100 * TARGET_TOLERANCE:.0f} "
+                     "points of " + " or ".join(f"{100 * t:.0f} %" for t in TARGETS)
+                     + " of the filters | | | | | |")
     for r in results:
         kept, total = r["selected"]
         stats = "re-estimated" if r["recalibrated"] else "as trained"

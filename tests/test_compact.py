@@ -143,6 +143,34 @@ def test_folding_an_untraceable_model_names_it() -> None:
         fold_batch_norms(DataDependent())
 
 
+def test_the_latency_report_says_what_it_folded() -> None:
+    """Folded rows only where batch norms were folded; a note where folding failed."""
+    from dessilbi.subnet.report import _latency_pairs, compact_report
+
+    build, shape = MODELS["resnet20"]
+    model = build().eval()
+    example = torch.zeros(1, *shape)
+    small = compact(model, example, keep=random_keep(model, 0.5, seed=1)).model
+    assert list(_latency_pairs(model, small)[0]) == ["as trained", "folded"]
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert _latency_pairs(plain, plain) == ({"as trained": (plain, plain)}, "")
+
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    odd = DataDependent().eval()
+    pairs, note = _latency_pairs(odd, odd)
+    assert list(pairs) == ["as trained"] and note.startswith(
+        "Batch norms not folded: cannot fold the batch norms of DataDependent")
+    report = compact_report(odd, odd, torch.ones(1, 3, 8, 8), batches=(1,))
+    assert report.rstrip().endswith(note) and "| 1 | 1 | as trained |" in report
+
+
 def test_vgg_parameters_and_flops_are_those_of_the_narrow_network() -> None:
     """VGG-16-BN has no ties: its compact model is the VGG of the kept widths, with that
     network's parameter count and FLOPs (torch's FlopCounterMode)."""

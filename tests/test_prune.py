@@ -60,7 +60,8 @@ def test_prune_finetunes_with_the_mask_held_and_writes_a_compact_network(
     compact_flops = layer_flops(compact_net, example_input(run))
     assert compact_flops[""] < dense_flops[""]
     assert f"FLOPs per image: {dense_flops['']:,} → {compact_flops['']:,}" in report
-    assert "| 64 | 1 | as trained |" in report and "| 64 | 1 | folded |" in report
+    assert "| 64 | 1 | as trained |" in report  # the digits CNN has no batch norm to fold
+    assert "folded" not in report
 
     assert main(argv[:-2] + ["--quiet"]) == 0  # the same command again: nothing to train
     assert "finished (2/2 epochs), nothing to train" in capsys.readouterr().out

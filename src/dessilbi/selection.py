@@ -36,8 +36,8 @@ from dessilbi.optim.proximal import group_norms
 if TYPE_CHECKING:
     from dessilbi.run_state import TrainingRun
 
-__all__ = ["CALIBRATING_LAM", "StartEpochThresholds", "settling_steps", "split_coupled_groups",
-           "start_thresholds"]
+__all__ = ["CALIBRATING_LAM", "StartEpochThresholds", "pull_rate", "settling_steps",
+           "split_coupled_groups", "start_thresholds"]
 
 #: λ of every coupled layer during the calibration: larger than any ‖V_g‖ can get.
 CALIBRATING_LAM = 1e30
@@ -81,30 +81,37 @@ def start_thresholds(before: torch.Tensor, after: torch.Tensor, epochs_left: flo
 
 
 def settling_steps(group: dict[str, Any]) -> float:
-    """The coupling pull's time constant ν/(κ·lr) in steps: a group the loss does not sustain
-    keeps e⁻¹ of its initial W after this many steps (at the group's current lr)."""
-    rate = group["kappa"] * group["lr"] / group["nu"]
+    """The coupling pull's time constant ν/(κ·lr) in steps at the group's current lr: a group
+    the loss does not sustain keeps e⁻¹ of its initial W after this many steps."""
+    rate = pull_rate(group)
     return math.inf if rate <= 0 else 1 / rate
 
 
-def _warn_if_unsettled(run: TrainingRun, calibration: int, start: int) -> None:
-    """Warn when the last calibration epoch began before W had forgotten its initialisation:
-    V's growth then still carries W(0)'s decay, and the linear extrapolation sets λ for a start
-    that can come epochs late (LeNet-5 on MNIST, calibrated over epoch 1: nothing by epoch 11)."""
-    steps_per_epoch = run.step / max(run.epoch, 1)
-    settled_after = (calibration - 1) * steps_per_epoch
-    slowest = max((settling_steps(group) for group in run.optimizer.param_groups
-                   if group.get("structure") is not None), default=0.0)
-    if settled_after >= slowest:
+def pull_rate(group: dict[str, Any]) -> float:
+    """κ·lr/ν: the fraction of W the coupling pulls towards Γ in one step."""
+    return float(group["kappa"] * group["lr"] / group["nu"])
+
+
+def _warn_if_unsettled(pulled: float, pulled_per_epoch: float, calibration: int, start: int
+                       ) -> None:
+    """Warn when the pull applied before the last calibration epoch, ``pulled`` (Σ κ·lr/ν over
+    those steps, for the weakest-pulled layer), adds up to less than one time constant: V's
+    growth then still carries W(0)'s decay, and the linear extrapolation sets λ for a start that
+    can come epochs late (LeNet-5 on MNIST, calibrated over epoch 1: nothing by epoch 11)."""
+    if pulled >= 1:
         return
-    advice = (f"calibrate over {1 + math.ceil(slowest / steps_per_epoch)} epochs "
-              "(selection_calibration) or pull harder (a smaller nu)"
-              if math.isfinite(slowest) else "the coupling has no pull (lr or kappa is 0)")
+    if pulled_per_epoch <= 0:
+        warnings.warn("selection_start: the coupling pulls nothing (lr or kappa is 0) during "
+                      "the calibration, so V does not grow and lambda cannot be calibrated",
+                      stacklevel=2)
+        return
+    needed = 1 + math.ceil(1 / pulled_per_epoch)
     warnings.warn(
-        f"selection_start: the pull's time constant nu/(kappa*lr) is {slowest:.0f} steps, but "
-        f"the last calibration epoch began after {settled_after:.0f}; V's growth still carries "
-        f"the initial weights' decay, so selection may start later than epoch {start}: "
-        f"{advice}", stacklevel=2)
+        f"selection_start: the pull applied before the last calibration epoch adds up to "
+        f"{pulled:.2f} of its time constant nu/(kappa*lr); V's growth still carries the initial "
+        f"weights' decay, so selection may start later than epoch {start}: calibrate over "
+        f"{needed} epochs (selection_calibration {needed}, selection_start after it) or pull "
+        f"harder (a smaller nu)", stacklevel=2)
 
 
 class StartEpochThresholds(Callback):
@@ -124,6 +131,9 @@ class StartEpochThresholds(Callback):
         self.lams: dict[str, float] = {}
         self._before: dict[str, torch.Tensor] = {}
         self._seen_max: dict[str, torch.Tensor] = {}  # 0-d, on V's device: no sync a step
+        # Σ κ·lr/ν of the weakest-pulled coupled group over the calibration's steps, and its
+        # value when the last calibration epoch began: has W forgotten W(0) by then?
+        self._pulled, self._pulled_before_last = 0.0, 0.0
 
     @property
     def calibrated(self) -> bool:
@@ -158,6 +168,7 @@ class StartEpochThresholds(Callback):
         if self.calibrated:
             self._reapply(run)
             return
+        self._pulled += min((pull_rate(g) for _, g, _ in self._coupled(run)), default=0.0)
         for name, norms in self._norms(run).items():  # one reduction per layer, calibration only
             peak = norms.max()
             seen = self._seen_max.get(name)
@@ -169,10 +180,13 @@ class StartEpochThresholds(Callback):
         norms = self._norms(run)
         if run.epoch == self.calibration - 1:
             self._before = {n: t.cpu() for n, t in norms.items()}
+            self._pulled_before_last = self._pulled
         if run.epoch < self.calibration:
             return None
         left = self.start - 0.5 - self.calibration
-        _warn_if_unsettled(run, self.calibration, self.start)
+        if run.dist.is_main:
+            _warn_if_unsettled(self._pulled_before_last, self._pulled / self.calibration,
+                               self.calibration, self.start)
         for name, group, _ in self._coupled(run):
             if name not in norms:
                 continue  # no gradient reached it yet: it stays unselectable
@@ -193,7 +207,8 @@ class StartEpochThresholds(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"start": self.start, "calibration": self.calibration, "lams": dict(self.lams),
                 "before": dict(self._before),
-                "seen_max": {n: t.cpu() for n, t in self._seen_max.items()}}
+                "seen_max": {n: t.cpu() for n, t in self._seen_max.items()},
+                "pulled": [self._pulled, self._pulled_before_last]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["start"], state["calibration"]) != (self.start, self.calibration):
@@ -202,3 +217,5 @@ class StartEpochThresholds(Callback):
         self.lams = dict(state["lams"])
         self._before = dict(state["before"])
         self._seen_max = dict(state["seen_max"])
+        # A checkpoint from before the pull was summed cannot tell: no warning then.
+        self._pulled, self._pulled_before_last = state.get("pulled", [math.inf, math.inf])

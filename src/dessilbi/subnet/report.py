@@ -14,14 +14,14 @@ import copy
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["compact_report", "fold_batch_norms", "layer_flops", "latency"]
+__all__ = ["compact_report", "count_batch_norms", "fold_batch_norms", "layer_flops", "latency"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -43,19 +43,45 @@ def layer_flops(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every batch norm that directly follows a convolution
-    folded into it (torch.fx's conv-bn fusion); the model itself is left as it is.
+    folded into it (torch.fx's conv-bn fusion); the model itself is left as it is. A batch norm
+    torch.fx does not fold (no running statistics, or a conv output read elsewhere too) stays:
+    :func:`count_batch_norms` of the copy tells.
 
-    Raises ``ValueError`` naming the model if torch.fx cannot trace it (data-dependent control
-    flow); such a model is timed as it is."""
+    Raises ``ValueError`` naming the model if torch.fx cannot trace or fuse it (data-dependent
+    control flow)."""
     with warnings.catch_warnings():  # the module imports torch.jit's deprecated script_method
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.fx.experimental.optimization import fuse
 
     try:
-        return fuse(copy.deepcopy(model).eval())
+        return fuse(copy.deepcopy(model).eval(), inplace=True)
     except Exception as error:  # torch.fx raises many types for untraceable code
         raise ValueError(f"cannot fold the batch norms of {type(model).__name__}: torch.fx "
-                         f"does not trace it ({type(error).__name__}: {error})") from error
+                         f"could not trace or fuse it ({type(error).__name__}: {error})"
+                         ) from error
+
+
+def count_batch_norms(model: nn.Module) -> int:
+    """The batch-norm layers in ``model``."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _latency_pairs(dense: nn.Module, compact_model: nn.Module
+                   ) -> tuple[dict[str, tuple[nn.Module, nn.Module]], str]:
+    """The (dense, compact) pairs to time, as trained and with the batch norms folded, and a
+    note when folding was not possible or not complete."""
+    pairs = {"as trained": (dense, compact_model)}
+    norms = count_batch_norms(dense)
+    if norms == 0:
+        return pairs, ""
+    try:
+        folded = fold_batch_norms(dense), fold_batch_norms(compact_model)
+    except ValueError as error:
+        return pairs, f"Batch norms not folded: {error}."
+    left = count_batch_norms(folded[0])
+    label = "folded" if left == 0 else f"{norms - left} of {norms} folded"
+    pairs[label] = folded
+    return pairs, ""
 
 
 @contextmanager
@@ -107,9 +133,7 @@ def compact_report(dense: nn.Module, compact_model: nn.Module, example_inputs: t
               f"{flops_dense[''] / flops_compact['']:.2f}x fewer).", "",
               "| batch | threads | batch norm | dense (ms) | compact (ms) | speed-up |",
               "|---|---|---|---|---|---|"]
-    pairs = {"as trained": (dense, compact_model)}
-    with suppress(ValueError):  # an untraceable model is timed as trained only
-        pairs["folded"] = (fold_batch_norms(dense), fold_batch_norms(compact_model))
+    pairs, note = _latency_pairs(dense, compact_model)
     for batch in batches:
         x = example_inputs.new_zeros(batch, *example_inputs.shape[1:]).normal_()
         for threads in (1, None):
@@ -118,6 +142,8 @@ def compact_report(dense: nn.Module, compact_model: nn.Module, example_inputs: t
                 slow, fast = latency(big, x, threads), latency(small, x, threads)
                 lines.append(f"| {batch} | {label} | {norm} | {1e3 * slow:.2f} | "
                              f"{1e3 * fast:.2f} | {slow / fast:.2f}x |")
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
