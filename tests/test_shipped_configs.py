@@ -199,6 +199,8 @@ def test_stand_in_data_is_read_by_the_real_loader(dataset: str, tmp_path: Path) 
 # ============================================================================ shipped configs
 
 
+# A few stand-in steps an epoch: a selection_start config's calibration rightly warns.
+@pytest.mark.filterwarnings("ignore:selection_start:UserWarning")
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_trains_one_epoch_on_stand_in_data(name: str, tmp_path: Path) -> None:
     shipped = load_config(name)
