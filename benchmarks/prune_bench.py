@@ -5,13 +5,18 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/prune_bench.py --task mnist
     .venv/bin/python benchmarks/prune_bench.py --task cifar
+    .venv/bin/python benchmarks/prune_bench.py --task cifar --setting shipped
 
 Source runs (trained first when missing; resumed when unfinished):
 
 - ``mnist``: LeNet-5 on MNIST, ``mnist_lenet5_selective`` (conv3 coupled, ``selection_start:
   7``) and the same config with SGD, 30 epochs each;
 - ``cifar``: ResNet-20 on the CIFAR-10 JPEG copy, the two runs of
-  ``benchmarks/cifar_selective.py`` (``cifar10_resnet20_selective`` and SGD, 20 epochs, bf16).
+  ``benchmarks/cifar_selective.py`` (``cifar10_resnet20_selective`` and SGD, 20 epochs, bf16):
+  with ``--setting first`` (the default) the DessiLBI run of the config's first setting
+  (selection from epoch 4, calibrated over epoch 1), with ``--setting shipped`` the one it ships
+  (from epoch 7, calibrated over epoch 3: ``cifar_selective.py``'s ``late`` run); results go to
+  ``prune_cifar[_shipped][_r<N>]``.
 
 At each keep ratio every pruned layer keeps the same share of its filters: DessiLBI's first
 filters in the path's order (entry step, then ‖W_g‖) on its own weights; the largest-L1-norm
@@ -63,10 +68,16 @@ def source_configs(task: str, args: argparse.Namespace) -> dict[str, TrainConfig
             for name in ("dessilbi", "sgd")}
     common = {"data_dir": args.data_dir or "../shared/data/cifar10-jpeg", "threads": 1,
               "device": "cpu", "out": "runs/bench-selective", "epochs": 20, "seed": 0}
-    # The runs were made when the config started selection in epoch 4 (calibrated over 1).
-    return {name: load_config("cifar10_resnet20_selective", {
-        **common, "optimizer": name, "selection_start": 4, "selection_calibration": 1,
+    # The SGD run (and the first DessiLBI run) were made when the config started selection in
+    # epoch 4, calibrated over 1: pinned so that they are found as they were recorded.
+    first = {"selection_start": 4, "selection_calibration": 1}
+    configs = {name: load_config("cifar10_resnet20_selective", {
+        **common, **first, "optimizer": name,
         "run_name": f"cifar10-resnet20-selective-{name}-e20-s0"}) for name in ("dessilbi", "sgd")}
+    if args.setting == "shipped":
+        configs["dessilbi"] = load_config("cifar10_resnet20_selective", {
+            **common, "run_name": "cifar10-resnet20-selective-late-e20-s0"})
+    return configs
 
 
 def ensure_trained(config: TrainConfig) -> Path:
@@ -140,6 +151,7 @@ def write_markdown(task: str, args: argparse.Namespace, runs: dict[str, Path],
              *([f"Every layer's kept filters are rounded up to a multiple of {args.round_to} "
                 "(whole channel blocks of the CPU kernels).", ""] if args.round_to > 1 else []),
              f"Produced by `.venv/bin/python benchmarks/prune_bench.py --task {task}"
+             + (" --setting shipped" if task == "cifar" and args.setting == "shipped" else "")
              + (f" --round-to {args.round_to}" if args.round_to > 1 else "")
              + (f" --ratios {' '.join(f'{r:g}' for r in args.ratios)}"
                 if tuple(args.ratios) != RATIOS else "")
@@ -177,13 +189,16 @@ def main() -> None:
     parser.add_argument("--round-to", type=int, default=1,
                         help="round every layer's kept filters up to a multiple of this")
     parser.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS))
+    parser.add_argument("--setting", choices=("first", "shipped"), default="first",
+                        help="cifar: the DessiLBI source run's selection setting")
     parser.add_argument("--remeasure-speed", action="store_true",
                         help="measure the recorded cells' speed again (on a quiet machine)")
     args = parser.parse_args()
     if args.finetune_epochs is None:
         args.finetune_epochs = 3 if args.task == "mnist" else 2
     torch.set_num_threads(1)
-    suffix = f"_r{args.round_to}" if args.round_to > 1 else ""
+    suffix = ("_shipped" if args.task == "cifar" and args.setting == "shipped" else "") + (
+        f"_r{args.round_to}" if args.round_to > 1 else "")
     out = Path(f"benchmarks/results/prune_{args.task}{suffix}.md")
     record = out.with_suffix(".json")
     cells = json.loads(record.read_text())["cells"] if record.is_file() else {}
