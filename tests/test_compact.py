@@ -128,24 +128,21 @@ def test_folding_batch_norms_keeps_the_outputs_and_removes_the_norms(name: str) 
             assert (folded(x) - net(x)).abs().max() <= 1e-4
 
 
-def test_folding_an_untraceable_model_names_it() -> None:
-    class DataDependent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+class DataDependent(nn.Module):
+    """A conv and batch norm behind data-dependent control flow: torch.fx cannot trace it."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.norm(self.conv(x)) if x.sum() > 0 else x
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
 
-    from dessilbi.subnet.report import fold_batch_norms
-
-    with pytest.raises(ValueError, match="cannot fold the batch norms of DataDependent"):
-        fold_batch_norms(DataDependent())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)) if x.sum() > 0 else x
 
 
 def test_the_latency_report_says_what_it_folded() -> None:
-    """Folded rows only where batch norms were folded; a note where folding failed."""
-    from dessilbi.subnet.report import _latency_pairs, compact_report
+    """Folded rows only where batch norms were folded; an untraceable model is named, and the
+    report says its batch norms were not folded."""
+    from dessilbi.subnet.report import _latency_pairs, compact_report, fold_batch_norms
 
     build, shape = MODELS["resnet20"]
     model = build().eval()
@@ -154,16 +151,9 @@ def test_the_latency_report_says_what_it_folded() -> None:
     assert list(_latency_pairs(model, small)[0]) == ["as trained", "folded"]
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     assert _latency_pairs(plain, plain) == ({"as trained": (plain, plain)}, "")
-
-    class DataDependent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.norm(self.conv(x)) if x.sum() > 0 else x
-
     odd = DataDependent().eval()
+    with pytest.raises(ValueError, match="cannot fold the batch norms of DataDependent"):
+        fold_batch_norms(odd)
     pairs, note = _latency_pairs(odd, odd)
     assert list(pairs) == ["as trained"] and note.startswith(
         "Batch norms not folded: cannot fold the batch norms of DataDependent")
