@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import os
 import signal
 import sys
 import threading
@@ -271,7 +270,9 @@ def _export(args: argparse.Namespace) -> int:
 def _say_interrupted(exc: BaseException) -> None:
     """One line for the user; under torchrun only from rank 0, since every worker stops alike
     and the line (which checkpoint is kept, how to go on) is the same for all."""
-    if os.environ.get("RANK", "0") == "0":
+    from dessilbi.distributed import DistInfo
+
+    if DistInfo.from_env().is_main:
         print(f"dessilbi: {exc}", file=sys.stderr)
 
 
@@ -399,7 +400,9 @@ def _train(args: argparse.Namespace) -> int:
         # with one line naming the problem, not a traceback.
         print(f"dessilbi: error: {exc}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) != 0:
+    from dessilbi.distributed import DistInfo
+
+    if not DistInfo.from_env().is_main:
         return 0
     print(format_summary(result))
     return _report(result.run_dir, (), ()) if args.report else 0

@@ -32,14 +32,17 @@ class DistInfo:
         """Rank 0 writes the run's files; the others only compute."""
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """The layout torchrun's environment gives (one process without it)."""
+        return cls(rank=int(os.environ.get("RANK", "0")),
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
 
 def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     """The process layout and the device to train on; joins the process group under torchrun."""
-    info = DistInfo(
-        rank=int(os.environ.get("RANK", "0")),
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    info = DistInfo.from_env()
     use_cuda = device_pref.startswith("cuda") or (
         device_pref == "auto" and torch.cuda.is_available()
     )

@@ -151,11 +151,14 @@ class StartEpochThresholds(Callback):
             out.append((group["param_names"][0], group, list(group["params"])))
         return out
 
-    def _norms(self, run: TrainingRun) -> dict[str, torch.Tensor]:
-        """‖V_g‖ per group of every coupled group (joint over a tied group's tensors)."""
+    def _norms(self, run: TrainingRun, coupled: list[tuple[str, dict[str, Any],
+                                                          list[nn.Parameter]]] | None = None
+               ) -> dict[str, torch.Tensor]:
+        """‖V_g‖ per group of every coupled group (joint over a tied group's tensors);
+        ``coupled``: :meth:`_coupled`'s list, when the caller has it already."""
         state = run.optimizer.state
         out = {}
-        for name, group, params in self._coupled(run):
+        for name, group, params in coupled if coupled is not None else self._coupled(run):
             vs = [state[p]["v"] for p in params if "v" in state.get(p, {})]
             if len(vs) != len(params):
                 continue
@@ -168,8 +171,9 @@ class StartEpochThresholds(Callback):
         if self.calibrated:
             self._reapply(run)
             return
-        self._pulled += min((pull_rate(g) for _, g, _ in self._coupled(run)), default=0.0)
-        for name, norms in self._norms(run).items():  # one reduction per layer, calibration only
+        coupled = self._coupled(run)
+        self._pulled += min((pull_rate(g) for _, g, _ in coupled), default=0.0)
+        for name, norms in self._norms(run, coupled).items():  # one reduction per layer
             peak = norms.max()
             seen = self._seen_max.get(name)
             self._seen_max[name] = peak if seen is None else torch.maximum(seen, peak)
