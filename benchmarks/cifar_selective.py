@@ -38,25 +38,36 @@ from dessilbi.config import TrainConfig, load_config
 from dessilbi.run_files import atomic_save
 from dessilbi.run_state import TrainingRun
 
+# The first runs were calibrated by the straight line through ‖V‖ (`linear`), which the
+# recorded results used; `schedule` extrapolates W(0)'s saturating part and the data's at the
+# schedule's lr (docs/selection.md).
+_LINE = {"selection_extrapolation": "linear"}
 RUNS = {
     # The config's first settings (ResNet-20: the shipped config now starts in epoch 7, `late`).
-    "dessilbi": {"selection_start": 4, "selection_calibration": 1},
+    "dessilbi": {"selection_start": 4, "selection_calibration": 1, **_LINE},
     "sgd": {"optimizer": "sgd"},
     # Γ on the batch-norm scales instead of the filters: one group per channel.
-    "bn": {"conv_structure": None, "norm_structure": "element"},
+    "bn": {"conv_structure": None, "norm_structure": "element", **_LINE},
     # Calibrated over epoch 3, after the first epochs' transient, for a start in epoch 6.
-    "dessilbi_c3": {"selection_calibration": 3, "selection_start": 6},
+    "dessilbi_c3": {"selection_calibration": 3, "selection_start": 6, **_LINE},
     # A ten times stronger pull (nu 10): W_g forgets its initialisation within about 1/(lr/nu)
     # steps, so by the calibration (epoch 3) V grows with what the data made of W_g; a later start.
-    "pull": {"nu": 10, "selection_calibration": 3, "selection_start": 7},
+    "pull": {"nu": 10, "selection_calibration": 3, "selection_start": 7, **_LINE},
     # Calibrated over epoch 3 (after the pull's time constant) for a start in epoch 7: what
     # cifar10_resnet20_selective ships.
-    "late": {"selection_calibration": 3, "selection_start": 7},
+    "late": {"selection_calibration": 3, "selection_start": 7, **_LINE},
     # Calibrated after the pull has settled: behind batch norm, W_g forgets W_g(0) over the
     # pull's time constant nu/(kappa*lr) steps, and at equilibrium turns by sqrt(2*kappa*lr/nu)
     # radians a step. nu 40 at lr 0.05 (VGG): 800 steps (the 0.05 rad a step ResNet-20 trains
     # well with at nu 100, lr 0.1), 4.3 epochs of a 12,000-image subset; calibrated over epoch 6.
-    "settled": {"nu": 40, "selection_calibration": 6, "selection_start": 10},
+    "settled": {"nu": 40, "selection_calibration": 6, "selection_start": 10, **_LINE},
+    # As `settled`, but extrapolated by the schedule (W(0)'s part saturating, the data's at the
+    # cosine's lr), for a start right after the calibration.
+    "schedule": {"nu": 40, "selection_calibration": 6, "selection_start": 7},
+    # And with every filter of a layer starting at the same norm (equal_filter_norms): W(0)'s
+    # offset in V is then the same for all of them.
+    "equal": {"nu": 40, "selection_calibration": 6, "selection_start": 7,
+              "equal_filter_norms": True},
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,133 @@ def test_threshold_rule_and_bad_settings() -> None:
         load_config("digits", {"selection_start": 4, "selection_calibration": 0})
     # Keys added later do not move the run directories of configs that leave them unset.
     assert load_config("digits").config_hash() == "064979"
+
+
+@pytest.mark.filterwarnings("ignore:selection_start:UserWarning")
+def test_schedule_extrapolation_meets_the_start_under_a_decaying_lr(tmp_path: Path) -> None:
+    """A strong pull (ν 5 at lr 0.1: W(0) fades over 50 steps, 2.3 of the digits' 22-step
+    epochs) and a cosine schedule: V's growth slows after the calibration in two ways that a
+    straight line misses. The schedule extrapolation is exact for the probes (no gradient), so
+    they enter in the start epoch; the straight line sets λ too high and they enter late."""
+    settings = {"nu": 5.0, "selection_start": 5, "selection_calibration": 2,
+                "schedule": "cosine", "epochs": 8}
+    entries = {}
+    for rule in ("schedule", "linear"):
+        run = train(_config(tmp_path / rule, selection_extrapolation=rule, **settings),
+                    model=WithProbes(), quiet=True)
+        entries[rule] = _first_entries(run.run_dir)
+    assert entries["schedule"]["probe_small.weight"] == 5
+    assert entries["schedule"]["probe_big.weight"] == 5
+    for conv in ("net.conv1.weight", "net.conv2.weight", "net.conv3.weight"):
+        assert entries["schedule"][conv] in (4, 5), entries  # trained: up to an epoch early
+    for probe in ("probe_small.weight", "probe_big.weight"):
+        assert entries["linear"][probe] == -1 or entries["linear"][probe] > 5
+
+
+def test_future_pull_sums_the_steps_it_stands_for() -> None:
+    """The geometric series per epoch against the literal per-step sums (the oracle), over a
+    cosine schedule and a target in the middle of an epoch."""
+    from dessilbi.selection import _future_pull, pull_offset
+
+    class Run:
+        @staticmethod
+        def lr_multiplier(epoch: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * epoch / 10))
+
+    group = {"initial_lr": 0.1, "lr": 0.07, "kappa": 2.0, "nu": 5.0}
+    steps, state = 22, (0.7, 0.3)
+    lrs = [0.1 * Run.lr_multiplier(e) for e in range(3, 7) for _ in range(steps)]
+    lrs = lrs[: 3 * steps + steps // 2]  # epochs 4, 5, 6 and half of 7 (counted from 1)
+    offset, _ = pull_offset(lrs, group["kappa"], group["nu"], state)
+    got = _future_pull(group, Run(), 3, 6.5, steps, state)  # type: ignore[arg-type]
+    assert got[0] == pytest.approx(offset - state[0], rel=1e-12)
+    assert got[1] == pytest.approx(sum(lrs), rel=1e-12)
+
+
+def test_pull_offset_is_the_initial_weights_part_of_v() -> None:
+    """With no gradient, DessiLBI's V after t steps is exactly pull_offset's o(t)·W(0)."""
+    from dessilbi.selection import pull_offset
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w0 = w.detach().clone()
+    opt = DessiLBI([{"params": [w], "structure": "filter", "lam": 1e30}], lr=0.3, kappa=1.5,
+                   nu=2.0, momentum=0.9)
+    lrs = [0.3, 0.3, 0.1, 0.1, 0.05]
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = lr
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    offset, left = pull_offset(lrs, 1.5, 2.0)
+    torch.testing.assert_close(opt.state[w]["v"], offset * w0, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(w.detach(), left * w0, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:selection_start:UserWarning")
+def test_a_run_resumed_during_the_calibration_gets_the_same_lams(tmp_path: Path) -> None:
+    settings = {"selection_start": 5, "selection_calibration": 3}
+    whole = train(_config(tmp_path / "whole", **settings), model=WithProbes(), quiet=True)
+    first = train(_config(tmp_path / "parts", epochs=2, **settings), model=WithProbes(),
+                  quiet=True)
+    resumed = train(_config(tmp_path / "parts", **settings), model=WithProbes(),
+                    resume_dir=first.run_dir, quiet=True)
+    lines = (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+    lams = [json.loads(line).get("selection_lam") for line in lines]
+    assert lams[2] is not None and lams[2] == _lams_at(whole.run_dir, 2)
+    assert whole.model is not None and resumed.model is not None
+    for (name, a), b in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _lams_at(run_dir: Path, index: int) -> Any:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[index])["selection_lam"]
+
+
+def test_checkpoints_of_other_calibrations_are_refused() -> None:
+    from dessilbi.selection import StartEpochThresholds
+
+    callback = StartEpochThresholds(5, 2)
+    state = StartEpochThresholds(5, 2, "linear").state_dict()
+    with pytest.raises(ValueError, match="with the linear extrapolation; resume it with the "):
+        callback.load_state_dict(state)
+    old = {"start": 5, "calibration": 2, "lams": {}, "before": {}, "seen_max": {}}
+    with pytest.raises(ValueError, match="during the calibration by an earlier version"):
+        StartEpochThresholds(5, 2, "linear").load_state_dict(old)
+    StartEpochThresholds(5, 2, "linear").load_state_dict({**old, "lams": {"a": 1.0}})
+    with pytest.raises(ValueError, match="selection_extrapolation 'straight'"):
+        StartEpochThresholds(5, 2, "straight")
+    with pytest.raises(ConfigError, match="invalid selection_extrapolation: 'cubic'"):
+        load_config("digits", {"selection_extrapolation": "cubic"})
+
+
+def test_equal_filter_norms_change_nothing_behind_a_batch_norm() -> None:
+    """Behind a batch norm (training mode) the equalised filters compute the same; a conv with
+    no batch norm after it computes something else (its filters were rescaled too)."""
+    from dessilbi.models import equalize_filter_norms
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(5, 3, 9, 9)
+    hidden, out = net[:3](x), net(x)
+    norms = net[0].weight.detach().flatten(1).norm(dim=1)
+    assert float(norms.max() / norms.min()) > 1.1  # the draw spreads them
+    assert equalize_filter_norms(net) == 2
+    after = net[0].weight.flatten(1).norm(dim=1)
+    torch.testing.assert_close(after, torch.full_like(after, float(norms.square().mean().sqrt())))
+    torch.testing.assert_close(net[:3](x), hidden, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(net(x), out, atol=1e-3)
+
+
+def test_a_run_with_equal_filter_norms_starts_from_them(tmp_path: Path) -> None:
+    """``equal_filter_norms`` in the config: init.pt holds the equalised filters (the draw of
+    the same seed, rescaled), and the saved config says so."""
+    plain = train(_config(tmp_path / "plain", epochs=1), quiet=True)
+    equal = train(_config(tmp_path / "equal", epochs=1, equal_filter_norms=True), quiet=True)
+    a = torch.load(plain.run_dir / "init.pt")["conv1.weight"].flatten(1)
+    b = torch.load(equal.run_dir / "init.pt")["conv1.weight"].flatten(1)
+    rms = a.norm(dim=1).square().mean().sqrt()
+    torch.testing.assert_close(b.norm(dim=1), rms.expand(len(b)))
+    torch.testing.assert_close(b, a * (rms / a.norm(dim=1))[:, None])
+    assert load_config(equal.run_dir / "config.yaml").equal_filter_norms is True

@@ -94,6 +94,16 @@ class TrainConfig:
     selection_calibration: int = _opt(
         1, "epochs measured, with nothing selectable, before selection_start sets λ"
     )
+    selection_extrapolation: str = _opt(
+        "schedule", "how selection_start extrapolates V from the calibration: schedule (the "
+        "initial weights' part saturating, the data's part at the schedule's lr) or linear (a "
+        "straight line through the norms); dessilbi.selection"
+    )
+    equal_filter_norms: bool = _opt(
+        False, "start every conv filter at its layer's RMS filter norm (behind a batch norm the "
+        "network computes the same): V then holds the same initial offset for every filter of "
+        "a layer, and the order of entry is the data's"
+    )
     momentum: float = _opt(0.9, "momentum")
     dampening: float = _opt(0.0, "momentum dampening")
     nesterov: bool = _opt(False, "Nesterov momentum")
@@ -214,6 +224,8 @@ class TrainConfig:
             ("nesterov", not self.nesterov or (self.momentum > 0 and self.dampening == 0),
              "Nesterov momentum needs momentum > 0 and dampening 0"),
             ("selection_calibration", self.selection_calibration >= 1, "at least 1"),
+            ("selection_extrapolation", self.selection_extrapolation in ("schedule", "linear"),
+             "schedule or linear"),
             ("selection_start", self.selection_start is None
              or self.selection_start > self.selection_calibration,
              f"an epoch after the {self.selection_calibration} calibration epoch(s), or null"),
@@ -289,7 +301,7 @@ _RUN_LOCATION_KEYS = frozenset(
 #: directories of earlier configs keep their names (and the same command resumes them).
 _LATER_KEYS: dict[str, Any] = {
     "selection_start": None, "selection_calibration": 1, "norm_structure": None, "norm_lam": None,
-    "train_subset": None,
+    "train_subset": None, "selection_extrapolation": "schedule", "equal_filter_norms": False,
 }
 
 

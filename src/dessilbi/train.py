@@ -53,6 +53,7 @@ from dessilbi.config import TrainConfig
 from dessilbi.data import ImageDataset, dataset_info
 from dessilbi.distributed import DistInfo, gather_states, init_distributed
 from dessilbi.masks import MaskProvider, gamma_support, masked_weights
+from dessilbi.models import equalize_filter_norms
 from dessilbi.numerics import (
     autocast_factory,
     flush_denormal,
@@ -130,7 +131,8 @@ def _layer_type_options(
 def _config_callbacks(config: TrainConfig) -> list[Callback]:
     """The callbacks the config asks for (``selection_start``: per-layer λ calibration)."""
     if config.optimizer == "dessilbi" and config.selection_start is not None:
-        return [StartEpochThresholds(config.selection_start, config.selection_calibration)]
+        return [StartEpochThresholds(config.selection_start, config.selection_calibration,
+                                     config.selection_extrapolation)]
     return []
 
 
@@ -228,9 +230,13 @@ def _initial_model(
     model: nn.Module | ModelFactory | None,
     architecture: Architecture,
     init_weights: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None,
+    equal_norms: bool = False,
 ) -> nn.Module:
-    """The model to train: given, or built; then loaded with ``init_weights`` if given."""
+    """The model to train: given, or built; its filters brought to equal norms per layer if
+    ``equal_norms``; then loaded with ``init_weights`` if given (which replace them)."""
     built = model if isinstance(model, nn.Module) else (model or Architecture.build)(architecture)
+    if equal_norms:
+        equalize_filter_norms(built)
     if init_weights is not None:
         if isinstance(init_weights, str | os.PathLike):
             where: object = init_weights
@@ -581,7 +587,8 @@ def train(
         torch.manual_seed(config.seed)
         loop = _build_loop(
             config, files, data, dist_info, device,
-            _initial_model(model, architecture, None if ckpt else init_weights), architecture,
+            _initial_model(model, architecture, None if ckpt else init_weights,
+                           config.equal_filter_norms and ckpt is None), architecture,
             optimizer_factory or build_optimizer, [*_config_callbacks(config), *callbacks],
             mask_provider, quiet,
             log_every,

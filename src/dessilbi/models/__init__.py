@@ -16,6 +16,7 @@ them into DessiLBI parameter groups) and their structure can be pruned.
 
 from __future__ import annotations
 
+from ._common import equalize_filter_norms
 from .blocks import BasicBlock, Bottleneck
 from .lenet import LeNet5
 from .mlp import MLP
@@ -38,5 +39,6 @@ __all__ = [
     "SmallCNN",
     "available_models",
     "build_model",
+    "equalize_filter_norms",
     "natural_input_shape",
 ]
