@@ -137,8 +137,9 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
 def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namespace],
                                                              TrainConfig]) -> None:
     runs = {name: Path(run_config(name, args).out) / run_config(name, args).run_directory_name()
-            for name in (args.variant, "sgd")}
+            for name in (args.variant, args.baseline)}
     runs["dessilbi"] = runs.pop(args.variant)
+    runs["sgd"] = runs.pop(args.baseline)
     record = load_path(runs["dessilbi"] / "path.pt")
     available = {int(p.stem.split("_")[1]) for p in (runs["dessilbi"] / "weights").glob("*.pt")}
     accuracy = _evaluator(runs["dessilbi"])
@@ -183,8 +184,9 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         f"{c.selection_calibration} epoch(s)). SGD: the same config with `optimizer: sgd`.",
         "",
         f"Produced by `.venv/bin/python benchmarks/cifar_selective.py train{flags} --only "
-        f"{args.variant} sgd` and `... compare{flags}"
-        + (f" --variant {args.variant}`." if args.variant != "dessilbi" else "`."),
+        f"{args.variant} {args.baseline}` and `... compare{flags}"
+        + (f" --variant {args.variant}" if args.variant != "dessilbi" else "")
+        + (f" --baseline {args.baseline}`." if args.baseline != "sgd" else "`."),
         "",
         "| run | dense W (%) | sparse W̃ (%) | selected channels |",
         "|---|---|---|---|",

@@ -104,6 +104,12 @@ class TrainConfig:
         "network computes the same): V then holds the same initial offset for every filter of "
         "a layer, and the order of entry is the data's"
     )
+    filter_norm_scale: float = _opt(
+        1.0, "start every conv filter at this times its initial norm (after equal_filter_norms; "
+        "models with batch norm only, behind which the network computes the same): the pull "
+        "leaves W(0)/kappa in V, so a smaller W(0) lets the data's part of V decide the entries "
+        "sooner; dessilbi.selection"
+    )
     momentum: float = _opt(0.9, "momentum")
     dampening: float = _opt(0.0, "momentum dampening")
     nesterov: bool = _opt(False, "Nesterov momentum")
@@ -191,6 +197,7 @@ class TrainConfig:
              "none, sqrt_size, or null for group_scaling"),
             ("schedule_epochs", self.schedule_epochs is None or self.schedule_epochs >= 1,
              "at least 1"),
+            ("filter_norm_scale", self.filter_norm_scale > 0, "> 0"),
             ("train_subset", self.train_subset is None or self.train_subset >= 1,
              "at least 1, or null for the whole training set"),
             *self._optimizer_checks(),
@@ -302,6 +309,7 @@ _RUN_LOCATION_KEYS = frozenset(
 _LATER_KEYS: dict[str, Any] = {
     "selection_start": None, "selection_calibration": 1, "norm_structure": None, "norm_lam": None,
     "train_subset": None, "selection_extrapolation": "schedule", "equal_filter_norms": False,
+    "filter_norm_scale": 1.0,
 }
 
 

@@ -34,6 +34,11 @@ have entered during it under λ_l: the run is exactly DessiLBI with these per-la
 (a test checks this bitwise). Only hyperparameters are chosen, one per param group (a coupled
 layer each), and they are kept in the optimizer's param groups (so in every checkpoint), in this
 callback's state and in ``metrics.jsonl`` (``selection_lam`` at the calibration epoch).
+
+With ``schedule``, the calibration epoch's line also has ``selection_init_share``: per layer,
+the part of λ_l that W(0) alone puts into V by the end of the run, ``o(T)·max_g ‖W_g(0)‖ / λ_l``.
+Below 1 only the data's part can carry a group over λ_l; at 1 or more the layer selects by its
+initialisation, and the calibration warns.
 """
 
 from __future__ import annotations
@@ -135,6 +140,26 @@ def _warn_if_unsettled(pulled: float, pulled_per_epoch: float, calibration: int,
         f"weights' decay, so selection may start later than epoch {start}: calibrate over "
         f"{needed} epochs (selection_calibration {needed}, selection_start after it) or pull "
         f"harder (a smaller nu)", stacklevel=2)
+
+
+#: A layer whose initial weights alone bring this share of its λ into V by the end of the run
+#: selects by its initialisation, not by the data (docs/selection.md).
+INITIALISATION_DRIVEN_SHARE = 1.0
+
+
+def _warn_if_initialisation_driven(shares: dict[str, float]) -> None:
+    """Warn about the layers whose W(0) alone crosses their λ before the run ends: their
+    groups enter whether the loss needs them or not, in the order of their initial norms."""
+    driven = {n: s for n, s in shares.items() if s >= INITIALISATION_DRIVEN_SHARE}
+    if not driven:
+        return
+    listed = ", ".join(f"{n} ({s:.2f})" for n, s in sorted(driven.items(), key=lambda x: -x[1]))
+    warnings.warn(
+        f"selection_start: the initial weights alone carry {len(driven)} layer(s) over their "
+        f"lambda by the end of the run (W(0)'s part of V / lambda: {listed}); their groups "
+        "enter whether the data need them or not. Start later, after more of the pull's time "
+        "constants nu/(kappa*lr) (more steps an epoch, a later selection_calibration and "
+        "selection_start)", stacklevel=2)
 
 
 #: The extrapolations of ``selection_extrapolation`` (module docstring).
@@ -277,14 +302,35 @@ class StartEpochThresholds(Callback):
         if run.dist.is_main:
             _warn_if_unsettled(self._pulled_before_last, self._pulled / self.calibration,
                                self.calibration, self.start)
+        shares = {}
         for name, (group, vs) in self._vs(run).items():
             predicted = self._predicted_norms(run, name, group, vs, steps)
             seen = self._seen_max.get(name)
             group["lam"] = self.lams[name] = max(
                 float(predicted.max()), (0.0 if seen is None else float(seen)) * (1 + 1e-9))
+            share = self._initial_share(run, name, group, steps)
+            if share is not None:
+                shares[name] = share
         # Groups no gradient reached yet have no V: they stay unselectable.
         self._initial, self._v_before = {}, {}  # not needed any more, nor in checkpoints
-        return {"selection_lam": dict(self.lams)}
+        if run.dist.is_main:
+            _warn_if_initialisation_driven(shares)
+        return {"selection_lam": dict(self.lams), "selection_init_share": shares} if shares \
+            else {"selection_lam": dict(self.lams)}
+
+    def _initial_share(self, run: TrainingRun, name: str, group: dict[str, Any], steps: int
+                       ) -> float | None:
+        """``o(T)·max_g ‖W_g(0)‖ / λ_l``: how much of the layer's λ the initial weights alone
+        put into V by the end of the run (T); at 1 or more, a group the loss never moves
+        still enters. Known only where W(0) is kept (the ``schedule`` extrapolation)."""
+        initial = self._initial.get(name)
+        lam = self.lams.get(name, 0.0)
+        if not initial or lam <= 0:
+            return None
+        offset = self._offset.get(name, (0.0, 1.0))
+        rest, _ = _future_pull(group, run, self.calibration, run.config.epochs, steps, offset)
+        largest = float(_joint_norms(initial, group["structure"]).max())
+        return (offset[0] + rest) * largest / lam
 
     def _predicted_norms(self, run: TrainingRun, name: str, group: dict[str, Any],
                          vs: list[torch.Tensor], steps: int) -> torch.Tensor:

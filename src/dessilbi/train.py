@@ -49,11 +49,11 @@ from dessilbi.batches import (
     training_augment,
 )
 from dessilbi.callbacks import Callback
-from dessilbi.config import TrainConfig
+from dessilbi.config import ConfigError, TrainConfig
 from dessilbi.data import ImageDataset, dataset_info
 from dessilbi.distributed import DistInfo, gather_states, init_distributed
 from dessilbi.masks import MaskProvider, gamma_support, masked_weights
-from dessilbi.models import equalize_filter_norms
+from dessilbi.models import equalize_filter_norms, scale_filter_norms
 from dessilbi.numerics import (
     autocast_factory,
     flush_denormal,
@@ -231,12 +231,18 @@ def _initial_model(
     architecture: Architecture,
     init_weights: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None,
     equal_norms: bool = False,
+    norm_scale: float = 1.0,
 ) -> nn.Module:
     """The model to train: given, or built; its filters brought to equal norms per layer if
-    ``equal_norms``; then loaded with ``init_weights`` if given (which replace them)."""
+    ``equal_norms`` and scaled by ``norm_scale``; then loaded with ``init_weights`` if given
+    (which replace them)."""
     built = model if isinstance(model, nn.Module) else (model or Architecture.build)(architecture)
     if equal_norms:
         equalize_filter_norms(built)
+    try:
+        scale_filter_norms(built, norm_scale)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if init_weights is not None:
         if isinstance(init_weights, str | os.PathLike):
             where: object = init_weights
@@ -588,7 +594,8 @@ def train(
         loop = _build_loop(
             config, files, data, dist_info, device,
             _initial_model(model, architecture, None if ckpt else init_weights,
-                           config.equal_filter_norms and ckpt is None), architecture,
+                           config.equal_filter_norms and ckpt is None,
+                           1.0 if ckpt else config.filter_norm_scale), architecture,
             optimizer_factory or build_optimizer, [*_config_callbacks(config), *callbacks],
             mask_provider, quiet,
             log_every,

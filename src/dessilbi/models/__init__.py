@@ -16,7 +16,7 @@ them into DessiLBI parameter groups) and their structure can be pruned.
 
 from __future__ import annotations
 
-from ._common import equalize_filter_norms
+from ._common import equalize_filter_norms, scale_filter_norms
 from .blocks import BasicBlock, Bottleneck
 from .lenet import LeNet5
 from .mlp import MLP
@@ -40,5 +40,6 @@ __all__ = [
     "available_models",
     "build_model",
     "equalize_filter_norms",
+    "scale_filter_norms",
     "natural_input_shape",
 ]

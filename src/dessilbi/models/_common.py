@@ -58,6 +58,27 @@ def equalize_filter_norms(model: nn.Module) -> int:
     return changed
 
 
+def scale_filter_norms(model: nn.Module, scale: float) -> int:
+    """Multiply every ``nn.Conv2d`` filter of ``model`` by ``scale``, in place; returns the
+    number of layers changed.
+
+    For networks whose convolutions feed batch norms (VGG-BN, ResNets): there it changes only
+    where W starts, and with it the offset W(0)/κ that DessiLBI's pull leaves in V
+    (:mod:`dessilbi.selection`). Without a batch norm a filter's scale is what the network
+    computes, so a model with none is refused.
+    """
+    if scale == 1:
+        return 0
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(f"filter_norm_scale {scale:g}: {type(model).__name__} has no batch "
+                         "norm, so scaling its filters would change what it computes")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.mul_(scale)
+    return len(convs)
+
+
 def check_positive(name: str, value: int) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive integer (bools are rejected)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
