@@ -213,3 +213,28 @@ def test_an_sgd_run_from_before_baselines_recorded_a_path_resumes(tmp_path: Path
     longer = load_config(run / "config.yaml", {"epochs": 2})
     assert train(longer, resume_dir=run, quiet=True).epochs == 2
     assert load_path(run / "path.pt").epochs == [2]  # recorded from the resume on
+
+
+@pytest.mark.filterwarnings("ignore:selection_start:UserWarning")
+def test_a_calibrated_run_lists_its_lambdas_shares_and_first_entries(tmp_path: Path) -> None:
+    """A selection_start run: one row per coupled layer with the λ and W(0)'s part of it that
+    metrics.jsonl recorded, and the first entry epoch of its path; runs without have none."""
+    import json
+
+    run = train(load_config("digits", {"epochs": 4, "nu": 5, "selection_start": 3,
+                                       "out": str(tmp_path)}), quiet=True).run_dir
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    text = write_report(run).read_text()
+    parsed = _Page()
+    parsed.feed(text)
+    assert "calibration" in parsed.ids
+    record = load_path(run / "path.pt")
+    for name, lam in line["selection_lam"].items():
+        entry = record.entry_epoch(name)
+        first = int(entry[entry >= 0].min()) if bool((entry >= 0).any()) else "–"
+        row = (f"<td>{name}</td><td>{lam:.4g}</td>"
+               f"<td>{line['selection_init_share'][name]:.2f}</td><td>{first}</td>")
+        assert row in text, row
+    assert 'id="calibration"' not in write_report(
+        train(load_config("digits", {"epochs": 1, "nu": 5, "out": str(tmp_path / "plain")}),
+              quiet=True).run_dir).read_text()

@@ -15,9 +15,10 @@ from dessilbi.report.figures import (
     selection_figure,
 )
 from dessilbi.report.filters import filter_layer, filters_figure
-from dessilbi.report.page import Section, config_table, render_page, summary_table
+from dessilbi.report.page import Section, config_table, render_page, summary_table, table
 from dessilbi.report.run_data import RunData
 from dessilbi.run_files import atomic_write_text
+from dessilbi.selection import INITIALISATION_DRIVEN_SHARE
 
 __all__ = ["build_report"]
 
@@ -37,6 +38,9 @@ def build_report(runs: Sequence[RunData], marks: Sequence[int]) -> Path:
     sections.append(_curves(runs, folder))
     if main.coupled and main.path is not None and main.path.names:
         sections.append(_entries(main, folder))
+    calibration = _calibration(main)
+    if calibration is not None:
+        sections.append(calibration)
     layer = filter_layer(main)
     if layer is not None:
         png = save(filters_figure(main, layer, marks), folder, "filters")[0]
@@ -92,3 +96,27 @@ def _entries(run: RunData, folder: Path) -> Section:
     png = save(entry_figure(run), folder, "entries")[0]
     return Section("entries", "Entry epochs",
                    figures=[(png, "first epoch at which each group was selected, per layer")])
+
+
+def _calibration(run: RunData) -> Section | None:
+    """``selection_start``'s calibrated λ per layer, W(0)'s part of it and the first entry."""
+    line = next((m for m in run.metrics if "selection_lam" in m), None)
+    if line is None:
+        return None
+    shares = line.get("selection_init_share", {})
+    rows = []
+    for name, lam in line["selection_lam"].items():
+        entry = run.path.entry_epoch(name) if run.path is not None and \
+            name in run.path.names else None
+        first = int(entry[entry >= 0].min()) if entry is not None and \
+            bool((entry >= 0).any()) else "–"
+        share = f"{shares[name]:.2f}" if name in shares else "–"
+        rows.append((name, f"{lam:.4g}", share, first))
+    driven = sum(1 for s in shares.values() if s >= INITIALISATION_DRIVEN_SHARE)
+    return Section(
+        "calibration", "Calibrated λ (selection_start)",
+        text=f"λ per layer, set at the end of epoch {line['epoch']} for a first entry in epoch "
+        f"{run.config.get('selection_start')}; W(0)'s part: how much of λ the initial weights "
+        "alone put into V by the end of the run (at 1 or more a layer's groups enter whatever "
+        f"the data say: {driven} of {len(rows)} layers here; docs/selection.md).",
+        tables=[table(rows, ("layer", "λ", "W(0)'s part of λ", "first entry (epoch)"))])
