@@ -9,6 +9,8 @@ Usage (from the repository root; the training runs can go in parallel, one per c
     .venv/bin/python benchmarks/cifar_selective.py compare --variant bn
     .venv/bin/python benchmarks/cifar_selective.py train --model vgg16_bn --train-subset 12000 \
         --epochs 15 --only dessilbi sgd                               # and compare, the same
+    .venv/bin/python benchmarks/cifar_selective.py train --model vgg16_bn --train-subset 12000 \
+        --only steps sgd_b32            # batch 32; compare --variant steps --baseline sgd_b32
 
 ``train`` runs the shipped ``cifar10_<model>_selective`` config (``selection_start``: every
 coupled layer starts selecting in one epoch, λ calibrated per layer; classifier uncoupled) in

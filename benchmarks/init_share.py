@@ -14,7 +14,7 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/init_share.py RUN_DIR [RUN_DIR ...]
     .venv/bin/python benchmarks/init_share.py --recorded vgg16_bn:schedule:12000 \\
-        --recorded resnet20:late
+        --recorded resnet20:late --out benchmarks/results/init_share.md
 """
 
 from __future__ import annotations
@@ -81,15 +81,15 @@ def init_shares(config: TrainConfig, history: list[dict[str, Any]],
     return out
 
 
-def recorded(spec: str, runs_dir: str, data_dir: str) -> tuple[str, TrainConfig, Path | None,
-                                                                list[dict[str, Any]]]:
+def recorded(spec: str, runs_dir: str, data_dir: str, epochs: int = 20, seed: int = 0
+             ) -> tuple[str, TrainConfig, Path | None, list[dict[str, Any]]]:
     """``model:variant[:subset]`` of cifar_selective.py: its config, and its history from the run
     directory or, where that is gone, from the variant's results JSON."""
     import cifar_selective
 
     model, variant, *rest = spec.split(":")
     args = argparse.Namespace(model=model, train_subset=int(rest[0]) if rest else None,
-                              epochs=20, seed=0, threads=1, data_dir=data_dir,
+                              epochs=epochs, seed=seed, threads=1, data_dir=data_dir,
                               runs_dir=runs_dir)
     config = cifar_selective.run_config(variant, args)
     run_dir = Path(config.out) / config.run_directory_name()
@@ -117,9 +117,13 @@ def main() -> None:
                         help="model:variant[:train_subset] of cifar_selective.py")
     parser.add_argument("--runs-dir", default="runs/bench-selective")
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/init_share.md"))
+    parser.add_argument("--epochs", type=int, default=20, help="of the --recorded runs")
+    parser.add_argument("--seed", type=int, default=0, help="of the --recorded runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="a markdown file (benchmarks/results/init_share.md); else printed")
     args = parser.parse_args()
-    runs = [recorded(spec, args.runs_dir, args.data_dir) for spec in args.recorded]
+    runs = [recorded(spec, args.runs_dir, args.data_dir, args.epochs, args.seed)
+            for spec in args.recorded]
     runs += [(str(d), load_config(d / "config.yaml"), d, read_history(d)) for d in args.run_dirs]
     lines = ["# W(0)'s part of the calibrated λ", "",
              "o(t)·max_g ‖W_g(0)‖ / λ_l per coupled layer: at the middle of the start epoch and "
@@ -132,7 +136,8 @@ def main() -> None:
         lines += table(f"{label} (ν {config.nu:g}, lr {config.lr:g}, batch "
                        f"{config.batch_size}, c {config.selection_calibration}, E "
                        f"{config.selection_start}, {config.selection_extrapolation})", shares)
-    args.out.write_text("\n".join(lines))
+    if args.out is not None:
+        args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

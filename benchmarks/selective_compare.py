@@ -140,6 +140,11 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
             for name in (args.variant, args.baseline)}
     runs["dessilbi"] = runs.pop(args.variant)
     runs["sgd"] = runs.pop(args.baseline)
+    batches = {name: load_config(path / "config.yaml").batch_size for name, path in runs.items()}
+    if len(set(batches.values())) != 1:
+        raise SystemExit(f"--variant {args.variant} trains at batch {batches['dessilbi']}, "
+                         f"--baseline {args.baseline} at {batches['sgd']}: compare runs of the "
+                         "same budget (sgd_b32 for the batch-32 variants)")
     record = load_path(runs["dessilbi"] / "path.pt")
     available = {int(p.stem.split("_")[1]) for p in (runs["dessilbi"] / "weights").glob("*.pt")}
     accuracy = _evaluator(runs["dessilbi"])
@@ -181,7 +186,12 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         f"DessiLBI: ν {c.nu:g}, κ {c.kappa:g}, "
         f"{_COUPLING.get(args.variant, 'filter groups on every conv')}, classifier "
         f"uncoupled, `selection_start: {c.selection_start}` (λ per layer calibrated over "
-        f"{c.selection_calibration} epoch(s)). SGD: the same config with `optimizer: sgd`.",
+        f"{c.selection_calibration} epoch(s), `{c.selection_extrapolation}` extrapolation"
+        + (", equal filter norms" if c.equal_filter_norms else "")
+        + (f", filters started at {c.filter_norm_scale:g}× their drawn norm"
+           if c.filter_norm_scale != 1 else "")
+        + "). SGD: the config with `optimizer: sgd`, at the same batch, from the drawn "
+        "initialisation.",
         "",
         f"Produced by `.venv/bin/python benchmarks/cifar_selective.py train{flags} --only "
         f"{args.variant} {args.baseline}` and `... compare{flags}"

@@ -274,6 +274,9 @@ def test_a_run_resumed_during_the_calibration_gets_the_same_lams(tmp_path: Path)
     lines = (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
     lams = [json.loads(line).get("selection_lam") for line in lines]
     assert lams[2] is not None and lams[2] == _lams_at(whole.run_dir, 2)
+    shares = json.loads(lines[2])["selection_init_share"]  # W(0) came through the checkpoint
+    whole_line = json.loads((whole.run_dir / "metrics.jsonl").read_text().splitlines()[2])
+    assert shares == whole_line["selection_init_share"] and len(shares) == len(lams[2])
     assert whole.model is not None and resumed.model is not None
     for (name, a), b in zip(whole.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):
@@ -335,7 +338,7 @@ def test_a_run_with_equal_filter_norms_starts_from_them(tmp_path: Path) -> None:
 
 def test_filter_norm_scale_changes_nothing_behind_a_batch_norm() -> None:
     """Every conv filter scaled: the same output behind a batch norm (up to its ε, 10⁻⁵ against
-    a variance of about 10⁻² at Kaiming's scale × 0.1); refused without one."""
+    a variance of about 10⁻² at Kaiming's scale × 0.1); refused where the output moves."""
     from dessilbi.models import scale_filter_norms
 
     torch.manual_seed(0)
@@ -345,12 +348,21 @@ def test_filter_norm_scale_changes_nothing_behind_a_batch_norm() -> None:
         nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
     x = torch.randn(5, 3, 9, 9)
     before, out = net[0].weight.detach().clone(), net(x)
-    assert scale_filter_norms(net, 0.1) == 2
+    assert scale_filter_norms(net, 0.1, x) == 2
     torch.testing.assert_close(net[0].weight.detach(), 0.1 * before)
     torch.testing.assert_close(net(x), out, rtol=1e-3, atol=1e-3)
-    assert scale_filter_norms(net, 1.0) == 0
-    with pytest.raises(ValueError, match="filter_norm_scale 0.5: Sequential has no batch norm"):
-        scale_filter_norms(nn.Sequential(nn.Conv2d(3, 8, 3)), 0.5)
+    assert scale_filter_norms(net, 1.0, x) == 0
+    # One conv without a batch norm after it is enough to refuse, and nothing is scaled then;
+    # so is a scale at which the norms' epsilon matters.
+    mixed = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1, bias=False))
+    drawn = mixed[3].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"filter_norm_scale 0.5 changes what Sequential "
+                       r"computes \(its output in training mode moved by 50\.0% of its size"):
+        scale_filter_norms(mixed, 0.5, x)
+    assert torch.equal(mixed[3].weight, drawn)
+    with pytest.raises(ValueError, match="filter_norm_scale 0.001 changes what"):
+        scale_filter_norms(net, 0.001, x)
 
 
 def test_a_run_with_filter_norm_scale_starts_from_the_scaled_draw(tmp_path: Path) -> None:
@@ -372,8 +384,15 @@ def test_a_run_with_filter_norm_scale_starts_from_the_scaled_draw(tmp_path: Path
     torch.testing.assert_close(b["0.weight"].flatten(1).norm(dim=1), 0.25 * rms.expand(4))
     torch.testing.assert_close(b["4.weight"], a["4.weight"])  # the linear layer as drawn
     assert load_config(scaled.run_dir / "config.yaml").filter_norm_scale == 0.25
-    with pytest.raises(ConfigError, match="filter_norm_scale 0.5: SmallCNN has no batch norm"):
+    with pytest.raises(ConfigError, match="filter_norm_scale 0.5 changes what SmallCNN"):
         train(_config(tmp_path / "refused", filter_norm_scale=0.5), quiet=True)
     assert not (tmp_path / "refused").exists()
-    with pytest.raises(ConfigError, match="invalid filter_norm_scale: 0.0"):
-        load_config("digits", {"filter_norm_scale": 0.0})
+    for bad in (0.0, math.inf):
+        with pytest.raises(ConfigError, match=f"invalid filter_norm_scale: {bad}"):
+            load_config("digits", {"filter_norm_scale": bad})
+    # Weights given by init_from are W(0) as they are: a warning, and init.pt holds them.
+    with pytest.warns(UserWarning, match="equal_filter_norms and filter_norm_scale are not"):
+        given = train(_config(tmp_path / "given", filter_norm_scale=0.25,
+                              init_from=str(plain.run_dir / "init.pt"), **settings),
+                      model=bn_net(), quiet=True)
+    assert torch.equal(torch.load(given.run_dir / "init.pt")["0.weight"], a["0.weight"])

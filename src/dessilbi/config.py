@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -105,10 +106,10 @@ class TrainConfig:
         "a layer, and the order of entry is the data's"
     )
     filter_norm_scale: float = _opt(
-        1.0, "start every conv filter at this times its initial norm (after equal_filter_norms; "
-        "models with batch norm only, behind which the network computes the same): the pull "
-        "leaves W(0)/kappa in V, so a smaller W(0) lets the data's part of V decide the entries "
-        "sooner; dessilbi.selection"
+        1.0, "start every conv filter at this times its drawn norm (after equal_filter_norms; "
+        "refused unless every conv feeds a batch norm, behind which the network computes the "
+        "same; not applied to init_from weights): the pull leaves W(0)/kappa in V, so a smaller "
+        "W(0) lets the data's part of V decide the entries sooner; dessilbi.selection"
     )
     momentum: float = _opt(0.9, "momentum")
     dampening: float = _opt(0.0, "momentum dampening")
@@ -197,7 +198,8 @@ class TrainConfig:
              "none, sqrt_size, or null for group_scaling"),
             ("schedule_epochs", self.schedule_epochs is None or self.schedule_epochs >= 1,
              "at least 1"),
-            ("filter_norm_scale", self.filter_norm_scale > 0, "> 0"),
+            ("filter_norm_scale", math.isfinite(self.filter_norm_scale)
+             and self.filter_norm_scale > 0, "a finite number > 0"),
             ("train_subset", self.train_subset is None or self.train_subset >= 1,
              "at least 1, or null for the whole training set"),
             *self._optimizer_checks(),

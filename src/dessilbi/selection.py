@@ -56,7 +56,8 @@ from dessilbi.optim.proximal import group_norms
 if TYPE_CHECKING:
     from dessilbi.run_state import TrainingRun
 
-__all__ = ["CALIBRATING_LAM", "EXTRAPOLATIONS", "StartEpochThresholds", "pull_offset",
+__all__ = ["CALIBRATING_LAM", "EXTRAPOLATIONS", "INITIALISATION_DRIVEN_SHARE",
+           "StartEpochThresholds", "pull_offset",
            "pull_rate", "settling_steps", "split_coupled_groups", "start_thresholds",
            "start_thresholds_norms"]
 
@@ -148,18 +149,20 @@ INITIALISATION_DRIVEN_SHARE = 1.0
 
 
 def _warn_if_initialisation_driven(shares: dict[str, float]) -> None:
-    """Warn about the layers whose W(0) alone crosses their λ before the run ends: their
-    groups enter whether the loss needs them or not, in the order of their initial norms."""
+    """Warn about the layers whose W(0) alone crosses their λ before the run ends: a group
+    the loss leaves alone (the one of largest initial norm) enters anyway, and the layer's
+    order of entry is that of the initial norms more than the data's."""
     driven = {n: s for n, s in shares.items() if s >= INITIALISATION_DRIVEN_SHARE}
     if not driven:
         return
     listed = ", ".join(f"{n} ({s:.2f})" for n, s in sorted(driven.items(), key=lambda x: -x[1]))
     warnings.warn(
         f"selection_start: the initial weights alone carry {len(driven)} layer(s) over their "
-        f"lambda by the end of the run (W(0)'s part of V / lambda: {listed}); their groups "
-        "enter whether the data need them or not. Start later, after more of the pull's time "
-        "constants nu/(kappa*lr) (more steps an epoch, a later selection_calibration and "
-        "selection_start)", stacklevel=2)
+        f"lambda by the end of the run (W(0)'s part of V / lambda: {listed}): a filter the "
+        "loss leaves alone enters anyway, and the order of entry follows the initial norms. "
+        "Start after more of the pull's time constants nu/(kappa*lr) (a later "
+        "selection_calibration and selection_start, a smaller batch_size), or start the "
+        "filters smaller (filter_norm_scale, behind batch norms)", stacklevel=2)
 
 
 #: The extrapolations of ``selection_extrapolation`` (module docstring).
@@ -286,7 +289,8 @@ class StartEpochThresholds(Callback):
         for name, norms in self._norms(run, coupled).items():  # one reduction per layer
             peak = norms.max()
             seen = self._seen_max.get(name)
-            self._seen_max[name] = peak if seen is None else torch.maximum(seen, peak)
+            self._seen_max[name] = peak if seen is None else \
+                torch.maximum(seen.to(peak.device), peak)  # a checkpoint's is on the CPU
 
     def on_epoch_end(self, run: TrainingRun) -> dict[str, Any] | None:
         if self.calibrated:
@@ -315,8 +319,10 @@ class StartEpochThresholds(Callback):
         self._initial, self._v_before = {}, {}  # not needed any more, nor in checkpoints
         if run.dist.is_main:
             _warn_if_initialisation_driven(shares)
-        return {"selection_lam": dict(self.lams), "selection_init_share": shares} if shares \
-            else {"selection_lam": dict(self.lams)}
+        line: dict[str, Any] = {"selection_lam": dict(self.lams)}
+        if shares:
+            line["selection_init_share"] = shares
+        return line
 
     def _initial_share(self, run: TrainingRun, name: str, group: dict[str, Any], steps: int
                        ) -> float | None:
@@ -325,8 +331,9 @@ class StartEpochThresholds(Callback):
         still enters. Known only where W(0) is kept (the ``schedule`` extrapolation)."""
         initial = self._initial.get(name)
         lam = self.lams.get(name, 0.0)
-        if not initial or lam <= 0:
-            return None
+        shapes = [p.shape for p in group["params"]]
+        if not initial or lam <= 0 or [w.shape for w in initial] != shapes:
+            return None  # not kept (linear), or the layer changed shape during the calibration
         offset = self._offset.get(name, (0.0, 1.0))
         rest, _ = _future_pull(group, run, self.calibration, run.config.epochs, steps, offset)
         largest = float(_joint_norms(initial, group["structure"]).max())
@@ -335,7 +342,9 @@ class StartEpochThresholds(Callback):
     def _predicted_norms(self, run: TrainingRun, name: str, group: dict[str, Any],
                          vs: list[torch.Tensor], steps: int) -> torch.Tensor:
         """‖V̂_g(E − ½)‖ per group by the run's extrapolation (module docstring)."""
-        before = self._v_before.get(name) or [torch.zeros_like(v) for v in vs]
+        # Kept on the CPU in a checkpoint: back to V's device (a resumed GPU run).
+        before = [b.to(v.device) for b, v in zip(self._v_before[name], vs, strict=True)] \
+            if self._v_before.get(name) else [torch.zeros_like(v) for v in vs]
         structure = group["structure"]
         if self.extrapolation == "linear":
             return start_thresholds_norms(_joint_norms(before, structure),
@@ -350,7 +359,7 @@ class StartEpochThresholds(Callback):
         initial = self._initial.get(name, [])
         predicted = []
         for k, (v, v_before) in enumerate(zip(vs, before, strict=True)):
-            w0 = initial[k].to(v.dtype) if k < len(initial) and \
+            w0 = initial[k].to(v.device, v.dtype) if k < len(initial) and \
                 initial[k].shape == v.shape else torch.zeros_like(v)
             data_growth = (v - v_before) - (offset[0] - offset_before) * w0
             predicted.append(v + future_offset * w0 + scale * data_growth)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,13 @@ def default_architecture(config: TrainConfig, data: _RunData) -> Architecture:
     })
 
 
+def _example_batch(architecture: Architecture) -> torch.Tensor:
+    """Four seeded random inputs of the architecture's shape (the global RNG left alone)."""
+    size = int(architecture.kwargs.get("image_size", 32))
+    shape = (4, int(architecture.kwargs.get("in_channels", 3)), size, size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
 def _initial_model(
     model: nn.Module | ModelFactory | None,
     architecture: Architecture,
@@ -233,17 +241,18 @@ def _initial_model(
     equal_norms: bool = False,
     norm_scale: float = 1.0,
 ) -> nn.Module:
-    """The model to train: given, or built; its filters brought to equal norms per layer if
-    ``equal_norms`` and scaled by ``norm_scale``; then loaded with ``init_weights`` if given
-    (which replace them)."""
+    """The model to train: given, or built; then loaded with ``init_weights`` if given, else its
+    filters brought to equal norms per layer if ``equal_norms`` and scaled by ``norm_scale``
+    (given weights are W(0) as they are: a pruned network continued, a ticket rewound)."""
     built = model if isinstance(model, nn.Module) else (model or Architecture.build)(architecture)
-    if equal_norms:
-        equalize_filter_norms(built)
-    try:
-        scale_filter_norms(built, norm_scale)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if init_weights is not None:
+    if init_weights is None:
+        if equal_norms:
+            equalize_filter_norms(built)
+        try:
+            scale_filter_norms(built, norm_scale, _example_batch(architecture))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    else:
         if isinstance(init_weights, str | os.PathLike):
             where: object = init_weights
             weights = load_weights(Path(init_weights))
@@ -582,6 +591,10 @@ def train(
         )
     if init_weights is None and config.init_from is not None:
         init_weights = config.init_from
+        if config.equal_filter_norms or config.filter_norm_scale != 1:
+            warnings.warn(f"init_from {config.init_from}: its weights are W(0) as they are; "
+                          "equal_filter_norms and filter_norm_scale are not applied to them",
+                          stacklevel=2)
     # The thread count first: flushing then reaches every thread of the pool in use.
     with (intra_op_threads(config.threads),
           flush_denormal(device.type == "cpu" and config.flush_denormal)):
@@ -595,7 +608,7 @@ def train(
             config, files, data, dist_info, device,
             _initial_model(model, architecture, None if ckpt else init_weights,
                            config.equal_filter_norms and ckpt is None,
-                           1.0 if ckpt else config.filter_norm_scale), architecture,
+                           config.filter_norm_scale if ckpt is None else 1.0), architecture,
             optimizer_factory or build_optimizer, [*_config_callbacks(config), *callbacks],
             mask_provider, quiet,
             log_every,

@@ -104,19 +104,25 @@ def _calibration(run: RunData) -> Section | None:
     if line is None:
         return None
     shares = line.get("selection_init_share", {})
-    rows = []
-    for name, lam in line["selection_lam"].items():
-        entry = run.path.entry_epoch(name) if run.path is not None and \
-            name in run.path.names else None
-        first = int(entry[entry >= 0].min()) if entry is not None and \
-            bool((entry >= 0).any()) else "–"
-        share = f"{shares[name]:.2f}" if name in shares else "–"
-        rows.append((name, f"{lam:.4g}", share, first))
-    driven = sum(1 for s in shares.values() if s >= INITIALISATION_DRIVEN_SHARE)
+    rows = [(name, f"{lam:.4g}", f"{shares[name]:.2f}" if name in shares else "–",
+             _first_entry(run, name)) for name, lam in line["selection_lam"].items()]
+    if shares:
+        driven = sum(1 for s in shares.values() if s >= INITIALISATION_DRIVEN_SHARE)
+        about = (f"at 1 or more, a filter the loss leaves alone enters anyway and the order "
+                 f"follows the initial norms: {driven} of {len(rows)} layers here")
+    else:
+        about = "not recorded: the linear extrapolation keeps no W(0)"
     return Section(
         "calibration", "Calibrated λ (selection_start)",
         text=f"λ per layer, set at the end of epoch {line['epoch']} for a first entry in epoch "
         f"{run.config.get('selection_start')}; W(0)'s part: how much of λ the initial weights "
-        "alone put into V by the end of the run (at 1 or more a layer's groups enter whatever "
-        f"the data say: {driven} of {len(rows)} layers here; docs/selection.md).",
+        f"alone put into V by the end of the run ({about}; docs/selection.md).",
         tables=[table(rows, ("layer", "λ", "W(0)'s part of λ", "first entry (epoch)"))])
+
+
+def _first_entry(run: RunData, name: str) -> int | str:
+    """The first epoch at which a group of layer ``name`` was selected, or a dash."""
+    if run.path is None or name not in run.path.names:
+        return "–"
+    entry = run.path.entry_epoch(name)
+    return int(entry[entry >= 0].min()) if bool((entry >= 0).any()) else "–"
