@@ -86,6 +86,15 @@ RUNS = {
 }
 
 
+# The settings each model's config had when the variants above were first run; the config may
+# ship better ones since (VGG-16-BN: those of `steps`), and every variant states what it
+# changes from these, so its run (and its directory's hash) stays the recorded one.
+FIRST_SETTINGS = {
+    "vgg16_bn": {"nu": 100, "selection_start": 4, "selection_calibration": 1,
+                 "equal_filter_norms": False, "batch_size": 64},
+}
+
+
 class EpochWeights(Callback):
     """Saves the model's weights after every epoch (rank 0), for read-outs at any epoch."""
 
@@ -101,7 +110,8 @@ def run_config(name: str, args: argparse.Namespace) -> TrainConfig:
     subset = f"-n{args.train_subset}" if args.train_subset else ""
     model = args.model.replace("_", "-")
     return load_config(f"cifar10_{args.model}_selective", {
-        **RUNS[name], "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
+        **FIRST_SETTINGS.get(args.model, {}), **RUNS[name],
+        "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
         "threads": args.threads, "device": "cpu", "out": args.runs_dir,
         "train_subset": args.train_subset,
         "run_name": f"cifar10-{model}-selective-{name}-e{args.epochs}-s{args.seed}{subset}",
