@@ -235,6 +235,7 @@ def test_a_calibrated_run_lists_its_lambdas_shares_and_first_entries(tmp_path: P
         row = (f"<td>{name}</td><td>{lam:.4g}</td>"
                f"<td>{line['selection_init_share'][name]:.2f}</td><td>{first}</td>")
         assert row in text, row
+    assert "DessiLBI (ν 5, λ for a start in epoch 3)" in text
     assert 'id="calibration"' not in write_report(
         train(load_config("digits", {"epochs": 1, "nu": 5, "out": str(tmp_path / "plain")}),
               quiet=True).run_dir).read_text()

@@ -110,8 +110,11 @@ def _calibration(run: RunData) -> Section | None:
         driven = sum(1 for s in shares.values() if s >= INITIALISATION_DRIVEN_SHARE)
         about = (f"at 1 or more, a filter the loss leaves alone enters anyway and the order "
                  f"follows the initial norms: {driven} of {len(rows)} layers here")
-    else:
+    elif run.config.get("selection_extrapolation", "linear") == "linear":
         about = "not recorded: the linear extrapolation keeps no W(0)"
+    else:
+        about = "not recorded by the version that trained this run; benchmarks/init_share.py " \
+            "computes it"
     return Section(
         "calibration", "Calibrated λ (selection_start)",
         text=f"λ per layer, set at the end of epoch {line['epoch']} for a first entry in epoch "

@@ -80,9 +80,12 @@ def read_run(run_dir: str | Path) -> RunData:
 
 
 def _label(config: dict[str, Any]) -> str:
-    """A short legend name: the optimizer, with ν and λ for DessiLBI."""
+    """A short legend name: the optimizer, with ν and λ for DessiLBI (or, where λ was
+    calibrated per layer, the start epoch it was calibrated for)."""
     if config.get("optimizer") == "dessilbi":
-        return f"DessiLBI (ν {config.get('nu'):g}, λ {config.get('lam'):g})"
+        start = config.get("selection_start")
+        lam = f"λ {config.get('lam'):g}" if start is None else f"λ for a start in epoch {start}"
+        return f"DessiLBI (ν {config.get('nu'):g}, {lam})"
     return {"sgd": "SGD", "adam": "Adam"}.get(str(config.get("optimizer")),
                                               str(config.get("optimizer")))
 
