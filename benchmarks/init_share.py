@@ -57,7 +57,9 @@ def initial_weights(config: TrainConfig, run_dir: Path | None) -> dict[str, torc
                                         **config.model_kwargs}).build()
     if config.equal_filter_norms:
         equalize_filter_norms(model)
-    scale_filter_norms(model, config.filter_norm_scale)
+    size = (4, info.in_channels, *info.image_size)  # the check's inputs, as train draws them
+    scale_filter_norms(model, config.filter_norm_scale,
+                       torch.randn(size, generator=torch.Generator().manual_seed(0)))
     return model.state_dict()
 
 
