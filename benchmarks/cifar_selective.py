@@ -76,6 +76,9 @@ RUNS = {
     # ResNet-20's shipped run had 5.5 time constants before its start. SGD at the same batch.
     "steps": {"nu": 40, "selection_calibration": 6, "selection_start": 8,
               "equal_filter_norms": True, "batch_size": 32},
+    # As `steps`, for a start right after the calibration: more of the run to select in.
+    "steps_e7": {"nu": 40, "selection_calibration": 6, "selection_start": 7,
+                 "equal_filter_norms": True, "batch_size": 32},
     # As `steps`, with every filter starting at a tenth of its norm (filter_norm_scale; behind
     # the batch norms the network computes the same): about where the pull settles the wide
     # layers' filters anyway (10-13 % of Kaiming's norm at nu 40), so W(0)'s offset in V, which
