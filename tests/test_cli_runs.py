@@ -79,6 +79,9 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path: Path, sent: int
         [sys.executable, "-m", "dessilbi", "train", *QUICK, "--epochs", "12", "--log-every",
          "1", "--batch-size", "8", "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell's background job (`make test &`, nohup) ignores SIGINT, and Python keeps an
+        # ignored SIGINT ignored: give the run the default a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None and proc.stderr is not None
     for line in proc.stdout:
