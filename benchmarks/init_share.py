@@ -29,9 +29,9 @@ import torch
 from _runs import read_history
 from dessilbi.config import TrainConfig, load_config
 from dessilbi.data import dataset_info
-from dessilbi.models import equalize_filter_norms, scale_filter_norms
 from dessilbi.run_state import Architecture
 from dessilbi.selection import pull_offset
+from dessilbi.train import _initial_model
 
 
 def step_lrs(history: list[dict[str, Any]], epochs: int, multiplier: Any, base: float
@@ -50,16 +50,14 @@ def initial_weights(config: TrainConfig, run_dir: Path | None) -> dict[str, torc
     if run_dir is not None and (run_dir / "init.pt").exists():
         return torch.load(run_dir / "init.pt", map_location="cpu", weights_only=True)
     info = dataset_info(config.dataset, config.data_dir)
+    architecture = Architecture(config.model, {"num_classes": info.num_classes,
+                                               "in_channels": info.in_channels,
+                                               "image_size": info.image_size[0],
+                                               **config.model_kwargs})
     torch.manual_seed(config.seed)
-    model = Architecture(config.model, {"num_classes": info.num_classes,
-                                        "in_channels": info.in_channels,
-                                        "image_size": info.image_size[0],
-                                        **config.model_kwargs}).build()
-    if config.equal_filter_norms:
-        equalize_filter_norms(model)
-    size = (4, info.in_channels, *info.image_size)  # the check's inputs, as train draws them
-    scale_filter_norms(model, config.filter_norm_scale,
-                       torch.randn(size, generator=torch.Generator().manual_seed(0)))
+    # The training loop's own first model: built, equalised and scaled as train builds it.
+    model = _initial_model(None, architecture, None, config.equal_filter_norms,
+                           config.filter_norm_scale)
     return model.state_dict()
 
 
