@@ -27,17 +27,51 @@ def add_common_arguments(
     parser.add_argument("--out", type=Path, default=Path(out))
 
 
-def advance(config: Any, callbacks: Sequence[Any] = ()) -> list[dict[str, Any]]:
+#: Where finished runs' per-epoch records are kept (committed: runs/ is not), so that a rerun
+#: in a later session can skip a run it only needs the numbers of.
+RECORDS = Path(__file__).parent / "results" / "runs"
+
+
+def record_path(config: Any) -> Path:
+    """The record of the run of ``config``: its name and the hash of what defines its numbers."""
+    return RECORDS / f"{config.run_directory_name()}-{config.config_hash()}.jsonl"
+
+
+def recorded_history(config: Any) -> list[dict[str, Any]] | None:
+    """The recorded per-epoch records of the run of ``config``, when a finished one is there."""
+    path = record_path(config)
+    if not path.exists():
+        return None
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return history[: config.epochs] if len(history) >= config.epochs else None
+
+
+def advance(config: Any, callbacks: Sequence[Any] = (), *,
+            history_only: bool = False) -> list[dict[str, Any]]:
     """Train the run of ``config`` up to its ``epochs`` (resumed, with the same ``callbacks``;
-    a run already there is only read back) and return its per-epoch records."""
+    a run already there is only read back) and return its per-epoch records, which are kept
+    in :data:`RECORDS` too. ``history_only``: the caller needs no files of the run, so a
+    recorded finished run is not trained again."""
     run_dir = run_directory(config)
+    if history_only and not (run_dir / "checkpoint.pt").exists():
+        recorded = recorded_history(config)
+        if recorded is not None:
+            return recorded
     if (run_dir / "checkpoint.pt").exists():
         history = read_history(run_dir)
         if len(history) >= config.epochs:
-            return history[: config.epochs]
-        return read_history(train(config, quiet=True, resume_dir=run_dir,
-                                  callbacks=callbacks).run_dir)
-    return read_history(train(config, quiet=True, callbacks=callbacks).run_dir)
+            return _recorded(config, history[: config.epochs])
+        run_dir = train(config, quiet=True, resume_dir=run_dir, callbacks=callbacks).run_dir
+    else:
+        run_dir = train(config, quiet=True, callbacks=callbacks).run_dir
+    return _recorded(config, read_history(run_dir))
+
+
+def _recorded(config: Any, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    path = record_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(m) + "\n" for m in history))
+    return history
 
 
 def run_directory(config: Any) -> Path:

@@ -16,8 +16,10 @@ Usage (from the repository root; the training runs can go in parallel, one per c
 coupled layer starts selecting in one epoch, λ calibrated per layer; classifier uncoupled) in
 two variants, and SGD with the same budget and schedule, bf16 autocast + channels-last on CPU,
 saving the DessiLBI runs' weights after every epoch (``weights/epoch_NNN.pt`` in the run
-directory). The variants: ``dessilbi`` couples Γ to the conv filters, ``bn`` to the batch-norm
-scales (one group per channel, the convs uncoupled). A finished run is only read back; an
+directory). Every finished run's per-epoch records are kept in ``benchmarks/results/runs/``;
+an SGD run recorded there is not trained again (compare needs only its numbers). The
+variants: ``dessilbi`` couples Γ to the conv filters, ``bn`` to the batch-norm scales (one
+group per channel, the convs uncoupled). A finished run is only read back; an
 interrupted one resumes.
 
 ``compare`` takes the epochs at which Γ's support holds about 70 % and 50 % of the channels
@@ -85,6 +87,12 @@ RUNS = {
     # tends to W(0)/kappa, is a tenth, and the data's part of V decides the entries.
     "small": {"nu": 40, "selection_calibration": 6, "selection_start": 8,
               "equal_filter_norms": True, "filter_norm_scale": 0.1, "batch_size": 32},
+    # As `steps`, the filters started at 0.3 of their drawn norm: between `steps` (W(0)'s share
+    # of λ up to 0.96, a burst in the wide layers) and `small` (0.01-0.07, 29 filters in all).
+    "scaled": {"nu": 40, "selection_calibration": 6, "selection_start": 8,
+               "equal_filter_norms": True, "filter_norm_scale": 0.3, "batch_size": 32},
+    # ResNet-20's shipped `late` settings under the default `schedule` extrapolation.
+    "late_schedule": {"selection_calibration": 3, "selection_start": 7},
     "sgd_b32": {"optimizer": "sgd", "batch_size": 32},
 }
 
@@ -123,7 +131,10 @@ def run_config(name: str, args: argparse.Namespace) -> TrainConfig:
 
 def train_run(name: str, args: argparse.Namespace) -> Path:
     config = run_config(name, args)
-    advance(config, [EpochWeights()] if config.optimizer != "sgd" else [])
+    if config.optimizer == "sgd":  # compare reads only its numbers: a recorded run is enough
+        advance(config, history_only=True)
+    else:
+        advance(config, [EpochWeights()])
     return run_directory(config)
 
 

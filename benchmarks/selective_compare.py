@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from _runs import fmt, read_history
+from _runs import fmt, read_history, record_path, recorded_history, run_directory
 from dessilbi.batches import evaluate, example_input, input_normalization, load_run_data
 from dessilbi.config import TrainConfig, load_config
 from dessilbi.data import dataset_info
@@ -136,22 +136,20 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
 
 def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namespace],
                                                              TrainConfig]) -> None:
-    runs = {name: Path(run_config(name, args).out) / run_config(name, args).run_directory_name()
-            for name in (args.variant, args.baseline)}
-    runs["dessilbi"] = runs.pop(args.variant)
-    runs["sgd"] = runs.pop(args.baseline)
-    batches = {name: load_config(path / "config.yaml").batch_size for name, path in runs.items()}
-    if len(set(batches.values())) != 1:
-        raise SystemExit(f"--variant {args.variant} trains at batch {batches['dessilbi']}, "
-                         f"--baseline {args.baseline} at {batches['sgd']}: compare runs of the "
-                         "same budget (sgd_b32 for the batch-32 variants)")
+    configs = {"dessilbi": run_config(args.variant, args), "sgd": run_config(args.baseline, args)}
+    if configs["dessilbi"].batch_size != configs["sgd"].batch_size:
+        raise SystemExit(f"--variant {args.variant} trains at batch "
+                         f"{configs['dessilbi'].batch_size}, --baseline {args.baseline} at "
+                         f"{configs['sgd'].batch_size}: compare runs of the same budget "
+                         "(sgd_b32 for the batch-32 variants)")
+    runs = {name: run_directory(config) for name, config in configs.items()}
     record = load_path(runs["dessilbi"] / "path.pt")
     available = {int(p.stem.split("_")[1]) for p in (runs["dessilbi"] / "weights").glob("*.pt")}
     accuracy = _evaluator(runs["dessilbi"])
     epochs = sorted(set(target_epochs(record, available).values()))
     results = [pruned_accuracies(runs["dessilbi"], record, epoch, accuracy, recalibrate)
                for recalibrate in (False, True) for epoch in epochs]
-    hists = {name: read_history(path) for name, path in runs.items()}
+    hists = {"dessilbi": read_history(runs["dessilbi"]), "sgd": _baseline(configs["sgd"], args)}
     config = load_config(runs["dessilbi"] / "config.yaml")
     text = write_markdown(args, record, hists, results, config)
     args.out.write_text(text)
@@ -159,6 +157,18 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
         {"args": {k: str(v) for k, v in vars(args).items()}, "pruned": results,
          "runs": hists}, indent=1))
     print(text)
+
+
+def _baseline(config: TrainConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The SGD run's per-epoch records: from its run directory, else as recorded."""
+    run_dir = run_directory(config)
+    if (run_dir / "metrics.jsonl").exists():
+        return read_history(run_dir)
+    recorded = recorded_history(config)
+    if recorded is None:
+        raise SystemExit(f"no finished run of --baseline {args.baseline} in {run_dir} nor in "
+                         f"{record_path(config)}: train it first (train --only {args.baseline})")
+    return recorded
 
 
 _COUPLING = {"bn": "Γ on the batch-norm scales (one group per channel; convs uncoupled)"}
