@@ -321,19 +321,40 @@ def test_equal_filter_norms_change_nothing_behind_a_batch_norm() -> None:
     torch.testing.assert_close(after, torch.full_like(after, float(norms.square().mean().sqrt())))
     torch.testing.assert_close(net[:3](x), hidden, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(net(x), out, atol=1e-3)
+    # Given inputs to check on, that network is refused and left as it was.
+    torch.manual_seed(0)
+    mixed = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    drawn = [p.detach().clone() for p in mixed.parameters()]
+    with pytest.raises(ValueError, match=r"equal_filter_norms changes what Sequential computes"):
+        equalize_filter_norms(mixed, x)
+    assert all(torch.equal(a, b) for a, b in zip(mixed.parameters(), drawn, strict=True))
+    bn_only = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    assert equalize_filter_norms(bn_only, x) == 1
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 64, 10))
 
 
 def test_a_run_with_equal_filter_norms_starts_from_them(tmp_path: Path) -> None:
     """``equal_filter_norms`` in the config: init.pt holds the equalised filters (the draw of
-    the same seed, rescaled), and the saved config says so."""
-    plain = train(_config(tmp_path / "plain", epochs=1), quiet=True)
-    equal = train(_config(tmp_path / "equal", epochs=1, equal_filter_norms=True), quiet=True)
-    a = torch.load(plain.run_dir / "init.pt")["conv1.weight"].flatten(1)
-    b = torch.load(equal.run_dir / "init.pt")["conv1.weight"].flatten(1)
+    the same seed, rescaled), and the saved config says so; a model whose convs do not all
+    feed a batch norm (LeNet-style SmallCNN) is refused before anything is written."""
+    settings = {"epochs": 1, "linear_structure": "none", "exclude": []}
+    plain = train(_config(tmp_path / "plain", **settings), model=_bn_net(), quiet=True)
+    equal = train(_config(tmp_path / "equal", equal_filter_norms=True, **settings),
+                  model=_bn_net(), quiet=True)
+    a = torch.load(plain.run_dir / "init.pt")["0.weight"].flatten(1)
+    b = torch.load(equal.run_dir / "init.pt")["0.weight"].flatten(1)
     rms = a.norm(dim=1).square().mean().sqrt()
     torch.testing.assert_close(b.norm(dim=1), rms.expand(len(b)))
     torch.testing.assert_close(b, a * (rms / a.norm(dim=1))[:, None])
     assert load_config(equal.run_dir / "config.yaml").equal_filter_norms is True
+    with pytest.raises(ConfigError, match="equal_filter_norms changes what SmallCNN computes"):
+        train(_config(tmp_path / "refused", equal_filter_norms=True), quiet=True)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_filter_norm_scale_changes_nothing_behind_a_batch_norm() -> None:
@@ -369,15 +390,10 @@ def test_a_run_with_filter_norm_scale_starts_from_the_scaled_draw(tmp_path: Path
     """init.pt holds the draw of the same seed times the scale (after equalising), the config
     records it; on a model without batch norm, and for a scale of 0, the run is refused before
     anything is written."""
-    def bn_net() -> nn.Module:
-        torch.manual_seed(1)
-        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                             nn.Flatten(), nn.Linear(4 * 64, 10))
-
     settings = {"epochs": 1, "linear_structure": "none", "exclude": []}
-    plain = train(_config(tmp_path / "plain", **settings), model=bn_net(), quiet=True)
+    plain = train(_config(tmp_path / "plain", **settings), model=_bn_net(), quiet=True)
     scaled = train(_config(tmp_path / "scaled", equal_filter_norms=True, filter_norm_scale=0.25,
-                           **settings), model=bn_net(), quiet=True)
+                           **settings), model=_bn_net(), quiet=True)
     a = torch.load(plain.run_dir / "init.pt")
     b = torch.load(scaled.run_dir / "init.pt")
     rms = a["0.weight"].flatten(1).norm(dim=1).square().mean().sqrt()
@@ -394,5 +410,5 @@ def test_a_run_with_filter_norm_scale_starts_from_the_scaled_draw(tmp_path: Path
     with pytest.warns(UserWarning, match="equal_filter_norms and filter_norm_scale are not"):
         given = train(_config(tmp_path / "given", filter_norm_scale=0.25,
                               init_from=str(plain.run_dir / "init.pt"), **settings),
-                      model=bn_net(), quiet=True)
+                      model=_bn_net(), quiet=True)
     assert torch.equal(torch.load(given.run_dir / "init.pt")["0.weight"], a["0.weight"])

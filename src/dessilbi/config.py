@@ -102,8 +102,8 @@ class TrainConfig:
     )
     equal_filter_norms: bool = _opt(
         False, "start every conv filter at its layer's RMS filter norm (behind a batch norm the "
-        "network computes the same): V then holds the same initial offset for every filter of "
-        "a layer, and the order of entry is the data's"
+        "network computes the same; refused where it would not): V then holds the same initial "
+        "offset for every filter of a layer, and the order of entry is the data's"
     )
     filter_norm_scale: float = _opt(
         1.0, "start every conv filter at this times its drawn norm (after equal_filter_norms; "

@@ -246,10 +246,11 @@ def _initial_model(
     (given weights are W(0) as they are: a pruned network continued, a ticket rewound)."""
     built = model if isinstance(model, nn.Module) else (model or Architecture.build)(architecture)
     if init_weights is None:
-        if equal_norms:
-            equalize_filter_norms(built)
+        example = _example_batch(architecture)
         try:
-            scale_filter_norms(built, norm_scale, _example_batch(architecture))
+            if equal_norms:
+                equalize_filter_norms(built, example)
+            scale_filter_norms(built, norm_scale, example)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
     else:

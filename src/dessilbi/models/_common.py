@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,8 +33,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-@torch.no_grad()
-def equalize_filter_norms(model: nn.Module) -> int:
+def equalize_filter_norms(model: nn.Module, example: torch.Tensor | None = None) -> int:
     """Scale every ``nn.Conv2d`` filter of ``model`` to its layer's RMS filter norm, in place;
     returns the number of layers changed.
 
@@ -44,7 +43,16 @@ def equalize_filter_norms(model: nn.Module) -> int:
     is the same for every filter of a layer, so the order in which a layer's filters enter is
     set by what the data add (:mod:`dessilbi.selection`), not by the draw of the
     initialisation (whose norms spread by about 1/√(2·fan-in): 14 % for a 3×3 RGB filter).
+    Given ``example`` (a batch of inputs), a network whose output would move by more than
+    :data:`SCALE_TOLERANCE` is refused with a ``ValueError`` and left as it was.
     """
+    if example is not None:
+        _refuse_if_output_moves(model, _equalize_convs, example, "equal_filter_norms")
+    return _equalize_convs(model)
+
+
+@torch.no_grad()
+def _equalize_convs(model: nn.Module) -> int:
     changed = 0
     for module in model.modules():
         if not isinstance(module, nn.Conv2d):
@@ -79,18 +87,26 @@ def scale_filter_norms(model: nn.Module, scale: float, example: torch.Tensor) ->
     """
     if scale == 1:
         return 0
+    _refuse_if_output_moves(model, lambda m: _scale_convs(m, scale), example,
+                            f"filter_norm_scale {scale:g}")
+    return _scale_convs(model, scale)
+
+
+def _refuse_if_output_moves(model: nn.Module, change: Callable[[nn.Module], object],
+                            example: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError`` if ``change`` moves the output of ``model`` (training mode, on
+    copies) by more than :data:`SCALE_TOLERANCE` of its size on ``example``."""
     example = example.to(next(model.parameters()).device)
-    reference, scaled = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    _scale_convs(scaled, scale)
+    reference, changed = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    change(changed)
     with torch.no_grad():
-        before, after = reference(example), scaled(example)
+        before, after = reference(example), changed(example)
     moved = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
     if not moved <= SCALE_TOLERANCE:
         raise ValueError(
-            f"filter_norm_scale {scale:g} changes what {type(model).__name__} computes (its "
-            f"output in training mode moved by {moved:.1%} of its size): a convolution without "
-            "a batch norm after it, or a scale so small that the norms' epsilon matters")
-    return _scale_convs(model, scale)
+            f"{what} changes what {type(model).__name__} computes (its output in training "
+            f"mode moved by {moved:.1%} of its size): a convolution without a batch norm "
+            "after it, or a scale so small that the norms' epsilon matters")
 
 
 @torch.no_grad()
