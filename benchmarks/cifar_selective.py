@@ -75,11 +75,6 @@ RUNS = {
     # More steps for the same pull: batch 32 gives 375 steps an epoch of the 12,000-image
     # subset, so the pull's time constant (800 steps at nu 40, lr 0.05) is 2.1 epochs and W(0)'s
     # offset is 94 % saturated by the calibration (epoch 6), 98 % by the start (epoch 8);
-    # As `steps_e7` (a start right after the calibration), the filters started at 0.6 of their
-    # drawn norm: W(0)'s share of λ about halved from `steps`, so that the wide layers no longer
-    # enter as one, and an earlier start than `scaled` for more of the run to select in.
-    "mid": {"nu": 40, "selection_calibration": 6, "selection_start": 7,
-            "equal_filter_norms": True, "filter_norm_scale": 0.6, "batch_size": 32},
     # ResNet-20's shipped run had 5.5 time constants before its start. SGD at the same batch.
     "steps": {"nu": 40, "selection_calibration": 6, "selection_start": 8,
               "equal_filter_norms": True, "batch_size": 32},
