@@ -120,18 +120,27 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
     sizes = {n: s.numel() for n, s in support.items()}
     randoms = [accuracy(weights, random_mask(sizes, counts, seed).keep, recalibrate)
                for seed in RANDOM_SEEDS]
+    by_l1 = l1_mask(weights, counts).keep
     return {
         "epoch": epoch,
         "recalibrated": recalibrate,
         "selected": [sum(counts.values()), sum(sizes.values())],
         "dense": accuracy(weights, None, recalibrate),
         "dessilbi": accuracy(weights, support, recalibrate),
-        "l1": accuracy(weights, l1_mask(weights, counts).keep, recalibrate),
+        "l1": accuracy(weights, by_l1, recalibrate),
+        "l1_overlap": overlap(support, by_l1),
         "slimming": accuracy(weights, slimming_mask(weights, norms, counts), recalibrate),
         "random": statistics.mean(randoms),
         "random_each": randoms,
         "per_layer": counts,
     }
+
+
+def overlap(a: Masks, b: Masks) -> float:
+    """The share (%) of the filters kept by ``a`` that ``b`` keeps too (same per-layer counts:
+    100 when the masks agree, the kept fraction for unrelated ones)."""
+    both = sum(int((a[n] & b[n]).sum()) for n in a)
+    return 100 * both / max(1, sum(int(a[n].sum()) for n in a))
 
 
 def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namespace],
@@ -226,21 +235,25 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         "The second half of the table re-estimates the batch-norm statistics of each network on "
         f"{RECALIBRATION_IMAGES} training images first (no weight changes).",
         "",
+        "The last column: the share of the support's filters that the L1 mask keeps too "
+        "(agreeing masks: 100 %; unrelated ones: about the kept fraction).",
+        "",
         "| epoch | BN statistics | filters kept | dense W | DessiLBI support | L1 norm | BN |γ| "
-        "| random |",
-        "|---|---|---|---|---|---|---|---|",
+        "| random | support ∩ L1 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if not results:
         lines.append(f"| – | – | no recorded epoch held within {100 * TARGET_TOLERANCE:.0f} "
                      "points of " + " or ".join(f"{100 * t:.0f} %" for t in TARGETS)
-                     + " of the filters | | | | | |")
+                     + " of the filters | | | | | | |")
     for r in results:
         kept, total = r["selected"]
         stats = "re-estimated" if r["recalibrated"] else "as trained"
         lines.append(f"| {r['epoch']} | {stats} | {kept} / {total} ({100 * kept / total:.0f} %) | "
                      f"{fmt(r['dense'])} | {fmt(r['dessilbi'])} | {fmt(r['l1'])} | "
                      f"{fmt(r.get('slimming'))} | {fmt(r['random'])} "
-                     f"({', '.join(fmt(x) for x in r['random_each'])}) |")
+                     f"({', '.join(fmt(x) for x in r['random_each'])}) | "
+                     f"{fmt(r.get('l1_overlap'), 0)} % |")
     lines += ["", "## Per epoch", "",
               "Test accuracy (%) of SGD and of DessiLBI's W and W̃, and the selected groups "
               "per layer (columns: the coupled tensors in order).", "",
