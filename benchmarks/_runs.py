@@ -4,12 +4,16 @@ metrics, number formatting."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dessilbi.config import load_config
+from dessilbi.run_files import atomic_write_text, config_differences
 from dessilbi.train import train
 
 
@@ -27,22 +31,29 @@ def add_common_arguments(
     parser.add_argument("--out", type=Path, default=Path(out))
 
 
-#: Where finished runs' per-epoch records are kept (committed: runs/ is not), so that a rerun
+#: Where finished runs' per-epoch records are kept (committed, unlike runs/), so that a rerun
 #: in a later session can skip a run it only needs the numbers of.
 RECORDS = Path(__file__).parent / "results" / "runs"
 
 
 def record_path(config: Any) -> Path:
-    """The record of the run of ``config``: its name and the hash of what defines its numbers."""
+    """The record of the run of ``config``: its name and the hash of what defines its numbers
+    (``threads`` included: a run at another thread count is another run)."""
     return RECORDS / f"{config.run_directory_name()}-{config.config_hash()}.jsonl"
 
 
 def recorded_history(config: Any) -> list[dict[str, Any]] | None:
-    """The recorded per-epoch records of the run of ``config``, when a finished one is there."""
+    """The recorded per-epoch records of the run of ``config``, when a finished one is there
+    (an unreadable record counts as none, with a warning)."""
     path = record_path(config)
     if not path.exists():
         return None
-    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        warnings.warn(f"{path}: unreadable record ({exc}); the run is trained again",
+                      stacklevel=2)
+        return None
     return history[: config.epochs] if len(history) >= config.epochs else None
 
 
@@ -51,13 +62,14 @@ def advance(config: Any, callbacks: Sequence[Any] = (), *,
     """Train the run of ``config`` up to its ``epochs`` (resumed, with the same ``callbacks``;
     a run already there is only read back) and return its per-epoch records, which are kept
     in :data:`RECORDS` too. ``history_only``: the caller needs no files of the run, so a
-    recorded finished run is not trained again."""
+    recorded finished run is not trained again (nor an unfinished directory resumed)."""
     run_dir = run_directory(config)
-    if history_only and not (run_dir / "checkpoint.pt").exists():
+    if history_only:
         recorded = recorded_history(config)
         if recorded is not None:
             return recorded
     if (run_dir / "checkpoint.pt").exists():
+        check_same_run(run_dir, config)
         history = read_history(run_dir)
         if len(history) >= config.epochs:
             return _recorded(config, history[: config.epochs])
@@ -67,10 +79,28 @@ def advance(config: Any, callbacks: Sequence[Any] = (), *,
     return _recorded(config, read_history(run_dir))
 
 
+def check_same_run(run_dir: Path, config: Any) -> None:
+    """Refuse a run directory (the benchmarks name them without a hash) that holds a run of
+    another config than ``config``, up to its length: its numbers are not this run's."""
+    saved = load_config(run_dir / "config.yaml")
+    if dataclasses.replace(saved, epochs=config.epochs).config_hash() != config.config_hash():
+        differences = config_differences(run_dir / "config.yaml", config.to_dict(),
+                                         _LOCATION_KEYS)
+        raise SystemExit(f"{run_dir} holds a run of another config ({differences}): move it "
+                         "away or delete it to train this one")
+
+
+#: Keys that say where a run goes or how long it is, not what its steps compute.
+_LOCATION_KEYS = {"data_dir", "download", "device", "workers", "out", "run_name",
+                  "eval_batch_size", "epochs"}
+
+
 def _recorded(config: Any, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     path = record_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(m) + "\n" for m in history))
+    text = "".join(json.dumps(m) + "\n" for m in history)
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(text, path)
     return history
 
 

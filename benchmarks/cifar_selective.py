@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _runs import advance, run_directory
+from _runs import advance, record_path, run_directory
 from dessilbi.callbacks import Callback
 from dessilbi.config import TrainConfig, load_config
 from dessilbi.run_files import atomic_save
@@ -87,13 +87,13 @@ RUNS = {
     # tends to W(0)/kappa, is a tenth, and the data's part of V decides the entries.
     "small": {"nu": 40, "selection_calibration": 6, "selection_start": 8,
               "equal_filter_norms": True, "filter_norm_scale": 0.1, "batch_size": 32},
-    # As `steps`, the filters started at 0.3 of their drawn norm: between `steps` (W(0)'s share
-    # of λ up to 0.96, a burst in the wide layers) and `small` (0.01-0.07, 29 filters in all).
+    # As `steps`, the filters started at 0.3 of their (equalised) norm: between `steps` (W(0)'s
+    # share of λ up to 0.96, a burst in the wide layers) and `small` (0.01-0.07, 29 filters).
     "scaled": {"nu": 40, "selection_calibration": 6, "selection_start": 8,
                "equal_filter_norms": True, "filter_norm_scale": 0.3, "batch_size": 32},
     # As `steps_e7` (a start right after the calibration), the filters started at 0.6 of their
-    # drawn norm: W(0)'s share of λ about halved from `steps`, so that the wide layers no longer
-    # enter as one, and an earlier start than `scaled` for more of the run to select in.
+    # (equalised) norm: W(0)'s share of λ expected about halved from `steps`, so that the wide
+    # layers no longer enter as one, and an earlier start than `scaled` for more of the run.
     "mid": {"nu": 40, "selection_calibration": 6, "selection_start": 7,
             "equal_filter_norms": True, "filter_norm_scale": 0.6, "batch_size": 32},
     # ResNet-20's shipped `late` settings under the default `schedule` extrapolation.
@@ -105,7 +105,7 @@ RUNS = {
 
 # The settings each model's config had when the variants above were first run; the config may
 # ship better ones since (VGG-16-BN: those of `steps`), and every variant states what it
-# changes from these, so its run (and its directory's hash) stays the recorded one.
+# changes from these, so its run (and its record's hash) stays the recorded one.
 FIRST_SETTINGS = {
     "vgg16_bn": {"nu": 100, "selection_start": 4, "selection_calibration": 1,
                  "equal_filter_norms": False, "batch_size": 64},
@@ -172,7 +172,9 @@ def main() -> None:
         if not args.only:
             parser.error("train needs --only: the runs to train, e.g. --only late sgd")
         for name in args.only:
-            print(f"{name}: {train_run(name, args)}", flush=True)
+            run_dir = train_run(name, args)
+            where = run_dir if run_dir.exists() else record_path(run_config(name, args))
+            print(f"{name}: {where}", flush=True)
         return
     from selective_compare import compare  # the read-outs (torch-pruning), only when asked
 

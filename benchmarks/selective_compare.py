@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from _runs import fmt, read_history, record_path, recorded_history, run_directory
+from _runs import (
+    check_same_run,
+    fmt,
+    read_history,
+    record_path,
+    recorded_history,
+    run_directory,
+)
 from dessilbi.batches import evaluate, example_input, input_normalization, load_run_data
 from dessilbi.config import TrainConfig, load_config
 from dessilbi.data import dataset_info
@@ -121,6 +128,8 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
     randoms = [accuracy(weights, random_mask(sizes, counts, seed).keep, recalibrate)
                for seed in RANDOM_SEEDS]
     by_l1 = l1_mask(weights, counts).keep
+    # Masks unrelated to each other, with these per-layer counts, share Σ k²/n of the k kept.
+    chance = 100 * sum(counts[n] ** 2 / sizes[n] for n in counts) / max(1, sum(counts.values()))
     return {
         "epoch": epoch,
         "recalibrated": recalibrate,
@@ -129,6 +138,7 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
         "dessilbi": accuracy(weights, support, recalibrate),
         "l1": accuracy(weights, by_l1, recalibrate),
         "l1_overlap": overlap(support, by_l1),
+        "chance_overlap": chance,
         "slimming": accuracy(weights, slimming_mask(weights, norms, counts), recalibrate),
         "random": statistics.mean(randoms),
         "random_each": randoms,
@@ -137,8 +147,8 @@ def pruned_accuracies(run_dir: Path, record: PathRecord, epoch: int, accuracy: E
 
 
 def overlap(a: Masks, b: Masks) -> float:
-    """The share (%) of the filters kept by ``a`` that ``b`` keeps too (same per-layer counts:
-    100 when the masks agree, the kept fraction for unrelated ones)."""
+    """The share (%) of the filters kept by ``a`` that ``b`` keeps too (100 when the masks
+    agree)."""
     both = sum(int((a[n] & b[n]).sum()) for n in a)
     return 100 * both / max(1, sum(int(a[n].sum()) for n in a))
 
@@ -169,14 +179,20 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
 
 
 def _baseline(config: TrainConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The SGD run's per-epoch records: from its run directory, else as recorded."""
+    """The SGD run's per-epoch records: from its run directory when it finished there, else as
+    recorded."""
     run_dir = run_directory(config)
-    if (run_dir / "metrics.jsonl").exists():
-        return read_history(run_dir)
+    done = read_history(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    if len(done) >= config.epochs:
+        check_same_run(run_dir, config)
+        return done[: config.epochs]
     recorded = recorded_history(config)
     if recorded is None:
-        raise SystemExit(f"no finished run of --baseline {args.baseline} in {run_dir} nor in "
-                         f"{record_path(config)}: train it first (train --only {args.baseline})")
+        raise SystemExit(
+            f"--baseline {args.baseline}: {len(done)} of {config.epochs} epochs in {run_dir}, "
+            f"and no finished run recorded in {record_path(config)}: train it first (train "
+            f"--only {args.baseline}, with the same --model, --train-subset, --epochs, --seed "
+            "and --threads)")
     return recorded
 
 
@@ -236,10 +252,11 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         f"{RECALIBRATION_IMAGES} training images first (no weight changes).",
         "",
         "The last column: the share of the support's filters that the L1 mask keeps too "
-        "(agreeing masks: 100 %; unrelated ones: about the kept fraction).",
+        "(agreeing masks: 100 %), and in brackets that of two unrelated masks of the same "
+        "per-layer counts (Σ k²/n over the layers, of Σ k).",
         "",
-        "| epoch | BN statistics | filters kept | dense W | DessiLBI support | L1 norm | BN |γ| "
-        "| random | support ∩ L1 |",
+        "| epoch | BN statistics | filters kept | dense W | DessiLBI support | L1 norm "
+        "| BN \\|γ\\| | random | support ∩ L1 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     if not results:
@@ -253,7 +270,7 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
                      f"{fmt(r['dense'])} | {fmt(r['dessilbi'])} | {fmt(r['l1'])} | "
                      f"{fmt(r.get('slimming'))} | {fmt(r['random'])} "
                      f"({', '.join(fmt(x) for x in r['random_each'])}) | "
-                     f"{fmt(r.get('l1_overlap'), 0)} % |")
+                     f"{_overlap(r)} |")
     lines += ["", "## Per epoch", "",
               "Test accuracy (%) of SGD and of DessiLBI's W and W̃, and the selected groups "
               "per layer (columns: the coupled tensors in order).", "",
@@ -268,6 +285,13 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         lines.append(f"| {epoch} | {sgd_acc} | {fmt(m['test_acc'])} | "
                      f"{fmt(m['test_acc_sparse'])} | {_selected(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _overlap(result: dict[str, Any]) -> str:
+    if result.get("l1_overlap") is None:
+        return "–"
+    chance = result.get("chance_overlap")
+    return f"{result['l1_overlap']:.0f} %" + (f" ({chance:.0f} %)" if chance is not None else "")
 
 
 def _selected(metrics: dict[str, Any]) -> str:

@@ -44,10 +44,12 @@ def equalize_filter_norms(model: nn.Module, example: torch.Tensor | None = None)
     set by what the data add (:mod:`dessilbi.selection`), not by the draw of the
     initialisation (whose norms spread by about 1/√(2·fan-in): 14 % for a 3×3 RGB filter).
     Given ``example`` (a batch of inputs), a network whose output would move by more than
-    :data:`SCALE_TOLERANCE` is refused with a ``ValueError`` and left as it was.
+    :data:`SCALE_TOLERANCE` is refused with a ``ValueError`` and left as it was; without it
+    nothing is checked (training passes one, so a run is always checked).
     """
     if example is not None:
-        _refuse_if_output_moves(model, _equalize_convs, example, "equal_filter_norms")
+        _refuse_if_output_moves(model, _equalize_convs, example, "equal_filter_norms",
+                                "a convolution without a batch norm after it")
     return _equalize_convs(model)
 
 
@@ -68,8 +70,8 @@ def _equalize_convs(model: nn.Module) -> int:
 
 
 #: How far (relative to its largest value) the output of a network in training mode may move
-#: when :func:`scale_filter_norms` scales its filters: the batch norms' ε moves it a little
-#: (VGG-16-BN at a scale of 0.1: 0.25 %; at 0.03: 2.9 %).
+#: when :func:`scale_filter_norms` or :func:`equalize_filter_norms` rescale its filters: the
+#: batch norms' ε moves it a little (VGG-16-BN at a scale of 0.1: 0.25 %; at 0.03: 2.9 %).
 SCALE_TOLERANCE = 1e-2
 
 
@@ -88,14 +90,16 @@ def scale_filter_norms(model: nn.Module, scale: float, example: torch.Tensor) ->
     if scale == 1:
         return 0
     _refuse_if_output_moves(model, lambda m: _scale_convs(m, scale), example,
-                            f"filter_norm_scale {scale:g}")
+                            f"filter_norm_scale {scale:g}", "a convolution without a batch "
+                            "norm after it, or a scale so small that the norms' epsilon matters")
     return _scale_convs(model, scale)
 
 
 def _refuse_if_output_moves(model: nn.Module, change: Callable[[nn.Module], object],
-                            example: torch.Tensor, what: str) -> None:
-    """Raise ``ValueError`` if ``change`` moves the output of ``model`` (training mode, on
-    copies) by more than :data:`SCALE_TOLERANCE` of its size on ``example``."""
+                            example: torch.Tensor, what: str, causes: str) -> None:
+    """Raise ``ValueError`` (saying ``what`` did it and its likely ``causes``) if ``change``
+    moves the output of ``model`` (training mode, on copies) by more than
+    :data:`SCALE_TOLERANCE` of its size on ``example``."""
     example = example.to(next(model.parameters()).device)
     reference, changed = copy.deepcopy(model).train(), copy.deepcopy(model).train()
     change(changed)
@@ -105,8 +109,7 @@ def _refuse_if_output_moves(model: nn.Module, change: Callable[[nn.Module], obje
     if not moved <= SCALE_TOLERANCE:
         raise ValueError(
             f"{what} changes what {type(model).__name__} computes (its output in training "
-            f"mode moved by {moved:.1%} of its size): a convolution without a batch norm "
-            "after it, or a scale so small that the norms' epsilon matters")
+            f"mode moved by {moved:.1%} of its size): {causes}")
 
 
 @torch.no_grad()
