@@ -162,6 +162,11 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
                          f"{configs['sgd'].batch_size}: compare runs of the same budget "
                          "(sgd_b32 for the batch-32 variants)")
     runs = {name: run_directory(config) for name, config in configs.items()}
+    if not (runs["dessilbi"] / "weights").is_dir():
+        raise SystemExit(f"--variant {args.variant}: no run with per-epoch weights in "
+                         f"{runs['dessilbi']} (a record of its numbers is not enough here): "
+                         f"train it first (train --only {args.variant}, same flags)")
+    check_same_run(runs["dessilbi"], configs["dessilbi"])
     record = load_path(runs["dessilbi"] / "path.pt")
     available = {int(p.stem.split("_")[1]) for p in (runs["dessilbi"] / "weights").glob("*.pt")}
     accuracy = _evaluator(runs["dessilbi"])
