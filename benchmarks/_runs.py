@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dessilbi.config import load_config
-from dessilbi.run_files import atomic_write_text, config_differences
+from dessilbi.config import RUN_LOCATION_KEYS, load_config
+from dessilbi.run_files import atomic_write_text, config_differences, read_metrics
 from dessilbi.train import train
 
 
@@ -49,7 +49,7 @@ def recorded_history(config: Any) -> list[dict[str, Any]] | None:
     if not path.exists():
         return None
     try:
-        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        history = read_metrics(path)
     except json.JSONDecodeError as exc:
         warnings.warn(f"{path}: unreadable record ({exc}); the run is trained again",
                       stacklevel=2)
@@ -85,14 +85,9 @@ def check_same_run(run_dir: Path, config: Any) -> None:
     saved = load_config(run_dir / "config.yaml")
     if dataclasses.replace(saved, epochs=config.epochs).config_hash() != config.config_hash():
         differences = config_differences(run_dir / "config.yaml", config.to_dict(),
-                                         _LOCATION_KEYS)
+                                         {*RUN_LOCATION_KEYS, "epochs"})
         raise SystemExit(f"{run_dir} holds a run of another config ({differences}): move it "
                          "away or delete it to train this one")
-
-
-#: Keys that say where a run goes or how long it is, not what its steps compute.
-_LOCATION_KEYS = {"data_dir", "download", "device", "workers", "out", "run_name",
-                  "eval_batch_size", "epochs"}
 
 
 def _recorded(config: Any, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,8 +106,10 @@ def run_directory(config: Any) -> Path:
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The per-epoch records of a run directory's ``metrics.jsonl``."""
-    text = (run_dir / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics there")
+    return read_metrics(path)
 
 
 def _epoch_times(history: list[dict[str, Any]]) -> list[float]:

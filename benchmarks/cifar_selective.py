@@ -136,12 +136,15 @@ def run_config(name: str, args: argparse.Namespace) -> TrainConfig:
 
 
 def train_run(name: str, args: argparse.Namespace) -> Path:
+    """Train (or read back) the run ``name``; returns its directory, or its record where
+    only that is there."""
     config = run_config(name, args)
     if config.optimizer == "sgd":  # compare reads only its numbers: a recorded run is enough
         advance(config, history_only=True)
     else:
         advance(config, [EpochWeights()])
-    return run_directory(config)
+    run_dir = run_directory(config)
+    return run_dir if run_dir.exists() else record_path(config)
 
 
 def main() -> None:
@@ -172,9 +175,7 @@ def main() -> None:
         if not args.only:
             parser.error("train needs --only: the runs to train, e.g. --only late sgd")
         for name in args.only:
-            run_dir = train_run(name, args)
-            where = run_dir if run_dir.exists() else record_path(run_config(name, args))
-            print(f"{name}: {where}", flush=True)
+            print(f"{name}: {train_run(name, args)}", flush=True)
         return
     from selective_compare import compare  # the read-outs (torch-pruning), only when asked
 

@@ -27,6 +27,7 @@ from dessilbi.data import dataset_info
 from dessilbi.distributed import DistInfo
 from dessilbi.numerics import autocast_factory, input_preparer
 from dessilbi.path_record import PathRecord, load_path
+from dessilbi.run_files import read_metrics
 from dessilbi.runs import load_run
 from dessilbi.subnet import filter_norms, l1_mask, random_mask, zero_pruned_filters
 from dessilbi.subnet.dependency import on_filters
@@ -187,7 +188,7 @@ def _baseline(config: TrainConfig, args: argparse.Namespace) -> list[dict[str, A
     """The SGD run's per-epoch records: from its run directory when it finished there, else as
     recorded."""
     run_dir = run_directory(config)
-    done = read_history(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    done = read_metrics(run_dir / "metrics.jsonl")
     if len(done) >= config.epochs:
         check_same_run(run_dir, config)
         return done[: config.epochs]

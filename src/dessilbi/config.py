@@ -286,7 +286,7 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """6 hex digits of a hash of every key that defines the run's numbers."""
-        values = {k: v for k, v in self.to_dict().items() if k not in _RUN_LOCATION_KEYS
+        values = {k: v for k, v in self.to_dict().items() if k not in RUN_LOCATION_KEYS
                   and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
         blob = json.dumps(values, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:6]
@@ -301,7 +301,7 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 #: Keys that say where or how fast a run goes, not what it computes (left out of the hash).
-_RUN_LOCATION_KEYS = frozenset(
+RUN_LOCATION_KEYS = frozenset(
     {"data_dir", "download", "device", "workers", "out", "run_name", "eval_batch_size"}
 )
 
