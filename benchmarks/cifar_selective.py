@@ -100,6 +100,22 @@ RUNS = {
     "late_schedule": {"selection_calibration": 3, "selection_start": 7,
                       "selection_extrapolation": "schedule"},
     "sgd_b32": {"optimizer": "sgd", "batch_size": 32},
+    # Γ on the batch-norm scales (as `bn`) with a strong pull on them (norm_nu): an unselected
+    # scale settles at -norm_nu times its mean gradient within norm_nu/(kappa*lr) steps, so the
+    # network trains with its unselected channels nearly off and removing them changes little;
+    # V then grows by -lr times the scale's gradient, whatever norm_nu (the data's integral).
+    "bn_nu1": {"conv_structure": None, "norm_structure": "element", "norm_nu": 1, **_LINE},
+    "bn_nu10": {"conv_structure": None, "norm_structure": "element", "norm_nu": 10, **_LINE},
+    # The scale and shift of each channel as one group (norm_structure: affine), strongly
+    # pulled: an unselected channel is pulled to zero output, not to the constant relu(beta_c),
+    # and a layer's channels shrinking together is undone by the next batch norm.
+    "affine_nu1": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 1, **_LINE},
+    "affine_nu10": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10, **_LINE},
+    # `affine_nu10` for VGG-16-BN: calibrated over epoch 3 (the scales' pull time constant
+    # norm_nu/(kappa*lr) is 200 steps at lr 0.05) for a start in epoch 7; batch 32 as `steps`.
+    "affine_b32": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
+                   "selection_calibration": 3, "selection_start": 7, "batch_size": 32,
+                   **_LINE},
 }
 
 

@@ -964,3 +964,57 @@ def test_tied_groups_refuse_other_filter_counts_and_missing_gradients() -> None:
     model.conv_a.weight.grad = torch.ones_like(model.conv_a.weight)
     with pytest.raises(ValueError, match="one of them has no gradient"):
         opt.step()
+
+
+class AffineNet(nn.Module):
+    """A conv and its batch norm, whose scale and shift form one tied group per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_affine_norm_groups_match_the_oracle_and_share_their_support() -> None:
+    """``structured_param_groups(norm="affine")``: one tied group per batch norm holding its
+    scale and shift (the conv and fc uncoupled); 30 float64 Nesterov steps of the foreach,
+    per-tensor and fused paths equal the literal oracle, γ_c and β_c enter together, and some
+    but not all channels are selected."""
+    from dessilbi import structured_param_groups
+
+    hyper = {"lr": 0.1, "nu": 2.0, "momentum": 0.9, "nesterov": True, "lam": 0.9}
+    torch.manual_seed(0)
+    ref = AffineNet().to(F64)
+    ref.bn.bias.data.uniform_(-0.5, 0.5)
+
+    def spec(model: AffineNet) -> list[dict[str, Any]]:
+        groups = structured_param_groups(model, conv=None, linear=None, norm="affine")
+        return [{**g, **hyper} if g["structure"] else {**g, "lr": hyper["lr"]} for g in groups]
+
+    groups = spec(ref)
+    assert [(g["structure"], g["param_names"]) for g in groups if g["structure"]] == \
+        [("tied", ["bn.weight", "bn.bias"])]
+    oracle = NaiveDessiLBI(spec(ref))
+    runs = []
+    for options in ({"foreach": True}, {"foreach": False}, {"fused": True}):
+        model = copy.deepcopy(ref)
+        runs.append((model, DessiLBI(spec(model), **options)))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 2, 6, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    for _ in range(30):
+        for m in (ref, *(model for model, _ in runs)):
+            m.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+        oracle.step()
+        for _, opt in runs:
+            opt.step()
+    for model, opt in runs:
+        assert_states_match(model, opt, ref, oracle)
+        scale, shift = (opt.state[p]["gamma"] != 0 for p in (model.bn.weight, model.bn.bias))
+        assert torch.equal(scale, shift)
+        assert 0 < int(scale.sum()) < 8, f"{int(scale.sum())}/8 channels: uninformative test"

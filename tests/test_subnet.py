@@ -284,5 +284,8 @@ def test_a_mask_on_norm_scales_prunes_the_filters_those_norms_follow() -> None:
         on_filters(NormAfterJoin(), {"bn.weight": torch.ones(4, dtype=torch.bool)}, x)
     with pytest.raises(ValueError, match=r"bn1.weight: mask of shape \(15,\), expected \[16\]"):
         on_filters(by_norm, {"bn1.weight": torch.ones(15, dtype=torch.bool)}, x)
-    with pytest.raises(ValueError, match="bn1.bias: masks are kept per conv / linear weight"):
-        on_filters(by_norm, {"bn1.bias": torch.ones(16, dtype=torch.bool)}, x)
+    # A norm's shift (norm_structure: affine) stands for the same channels as its scale.
+    shift = on_filters(by_norm, {"bn1.bias": torch.tensor([True, False] * 8)}, x)
+    assert list(shift) == ["conv1.weight"] and shift["conv1.weight"].sum() == 8
+    with pytest.raises(ValueError, match="bn1.running_mean: masks are kept per conv / linear"):
+        on_filters(by_norm, {"bn1.running_mean": torch.ones(16, dtype=torch.bool)}, x)

@@ -396,6 +396,67 @@ def test_norm_scales_coupled_by_the_config(tmp_path: Path) -> None:
     assert "Parameters:" in (compact_dir / "report.md").read_text()
 
 
+def test_affine_norms_couple_scale_and_shift_per_channel(tmp_path: Path) -> None:
+    """``norm_structure: affine``: each batch norm's scale and shift form one tied group per
+    channel; a short run records both with the same support, loads its pruned network with
+    the unselected channels' filters and affine zeroed, and prunes half the channels once."""
+    from dessilbi import load_run
+    from dessilbi.path_record import load_path
+    from dessilbi.subnet import ordered_mask, support_mask
+    from dessilbi.train import build_optimizer
+
+    config = load_config("digits", {"model": "resnet20", "conv_structure": "none",
+                                    "norm_structure": "affine", "norm_lam": 0.3,
+                                    "linear_structure": "none", "norm_nu": 1,
+                                    "model_kwargs": {"widths": [4, 8, 8]},
+                                    "epochs": 2, "lr": 0.5, "nu": 100, "out": str(tmp_path)})
+    model = build_model("resnet20", num_classes=10, in_channels=1, image_size=8,
+                        widths=[4, 8, 8])
+    coupled = [g for g in build_optimizer(config, model).param_groups if g["structure"]]
+    assert len(coupled) == 21 and {g["structure"] for g in coupled} == {"tied"}
+    assert {g["nu"] for g in coupled} == {1} and \
+        all([n.rpartition(".")[2] for n in g["param_names"]] == ["weight", "bias"]
+            for g in coupled)
+    run_dir = train(config, quiet=True).run_dir
+    record = load_path(run_dir / "path.pt")
+    assert len(record.names) == 42
+    scales = [n for n in record.names if n.endswith(".weight")]
+    for name in scales:
+        assert torch.equal(record.support(name, 2),
+                           record.support(name.replace(".weight", ".bias"), 2))
+    kept = sum(int(record.support(n, 2).sum()) for n in scales)
+    assert 0 < kept < sum(record.group_shape(n)[0] for n in scales)
+    assert sorted(support_mask(record).keep) == sorted(scales)
+    half = ordered_mask(record, 0.5)
+    assert half.counts() == {n: record.group_shape(n)[0] // 2 for n in scales}
+    pruned = load_run(run_dir, weights="pruned").model
+    for name in scales:
+        dropped = ~record.support(name, 2)
+        norm = pruned.get_submodule(name.removesuffix(".weight"))
+        assert not bool(norm.weight[dropped].any()) and not bool(norm.bias[dropped].any())
+        assert bool(norm.weight[~dropped].all())
+
+
+def test_norm_nu_sets_the_coupling_of_the_norm_scales_only() -> None:
+    """``norm_nu``: the coupled batch-norm scales get their own ν, every other group keeps
+    ``nu``; the key is part of the hash (away from its default) and must be positive."""
+    from dessilbi.train import build_optimizer
+
+    overrides = {"model": "resnet20", "norm_structure": "element", "linear_structure": "none",
+                 "nu": 50,
+                 "model_kwargs": {"widths": [4, 8, 8]}}
+    config = load_config("digits", {**overrides, "norm_nu": 2})
+    model = build_model("resnet20", num_classes=10, in_channels=1, image_size=8,
+                        widths=[4, 8, 8])
+    nus = {g["structure"]: g["nu"] for g in build_optimizer(config, model).param_groups}
+    assert nus["element"] == 2 and nus["filter"] == 50
+    assert config.config_hash() != load_config("digits", overrides).config_hash()
+    assert load_config("digits", {**overrides, "norm_nu": None}).config_hash() == \
+        load_config("digits", overrides).config_hash()
+    with pytest.raises(ConfigError, match="invalid norm_nu"):
+        load_config("digits", {"norm_nu": 0})
+
+
 def test_bf16_channels_last_trains_with_float32_state(tmp_path: Path) -> None:
     config = load_config("digits", {"epochs": 2, "precision": "bf16", "channels_last": True,
                                     "nu": 5, "out": str(tmp_path)})

@@ -88,6 +88,10 @@ class TrainConfig:
     )
     linear_lam: float | None = _opt(None, "λ of linear weights (default: lam)")
     norm_lam: float | None = _opt(None, "λ of coupled norm scales (default: lam)")
+    norm_nu: float | None = _opt(
+        None, "ν of coupled norm scales (default: nu); a small ν holds an unselected scale near "
+        "Γ = 0, so that removing its channel changes little (docs/selection.md)"
+    )
     selection_start: int | None = _opt(
         None, "instead of λ: the epoch during which every coupled layer's first groups enter; "
         "λ is then set per layer after the calibration epochs (dessilbi.selection)"
@@ -124,7 +128,8 @@ class TrainConfig:
     norm_structure: str | None = _opt(
         None, "structure of the scales of normalisation layers (batch-norm gamma): element "
         "couples each channel's scale (its channel is then selected by it, as network slimming "
-        "ranks channels), or none")
+        "ranks channels), affine its scale and shift as one group (an unselected channel is "
+        "pulled to zero output), or none")
     group_scaling: str = _opt("none", "group threshold scaling: none or sqrt_size")
     conv_group_scaling: str | None = _opt(
         None, "group threshold scaling of conv weights (default: group_scaling)"
@@ -217,7 +222,8 @@ class TrainConfig:
              "filter, tied, channel, element or none"),
             ("linear_structure", self.linear_structure in structures,
              "filter, channel, element or none"),
-            ("norm_structure", self.norm_structure in ("element", None), "element or none"),
+            ("norm_structure", self.norm_structure in ("element", "affine", None),
+             "element, affine or none"),
             ("group_scaling", self.group_scaling in GROUP_SCALING_NAMES, "none or sqrt_size"),
             ("nu", self.nu > 0, "> 0"),
             ("kappa", self.kappa > 0, "> 0"),
@@ -226,6 +232,7 @@ class TrainConfig:
             ("linear_lam", self.linear_lam is None or self.linear_lam >= 0,
              ">= 0, or null for lam"),
             ("norm_lam", self.norm_lam is None or self.norm_lam >= 0, ">= 0, or null for lam"),
+            ("norm_nu", self.norm_nu is None or self.norm_nu > 0, "> 0, or null for nu"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("dampening", 0 <= self.dampening <= 1, "in [0, 1]"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
@@ -311,7 +318,7 @@ RUN_LOCATION_KEYS = frozenset(
 _LATER_KEYS: dict[str, Any] = {
     "selection_start": None, "selection_calibration": 1, "norm_structure": None, "norm_lam": None,
     "train_subset": None, "selection_extrapolation": "schedule", "equal_filter_norms": False,
-    "filter_norm_scale": 1.0,
+    "filter_norm_scale": 1.0, "norm_nu": None,
 }
 
 

@@ -16,7 +16,11 @@ from torch import nn
 
 from dessilbi.optim.proximal import STRUCTURES
 
-__all__ = ["NORM_TYPES", "structured_param_groups", "unwrap_model"]
+__all__ = ["NORM_STRUCTURES", "NORM_TYPES", "structured_param_groups", "unwrap_model"]
+
+#: Structures of batch-norm parameters: their scales (``"element"``), scales and shifts as one
+#: group per channel (``"affine"``), or uncoupled.
+NORM_STRUCTURES: tuple[str | None, ...] = (None, "element", "affine")
 
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -78,8 +82,11 @@ def structured_param_groups(
         norm: structure of the scales (affine weights) of batch norms: ``"element"`` couples
             each channel's scale γ_c as a group of its own (the quantity network slimming ranks
             channels by; unlike a filter's norm behind a batch norm, the loss is not invariant
-            to it), None leaves them uncoupled. Their shifts stay uncoupled, and so do other
-            norms (a layer or group norm's channels are no filters that could be removed).
+            to it), with their shifts uncoupled; ``"affine"`` couples each channel's scale and
+            shift (γ_c, β_c) as one group (a ``"tied"`` param group per batch norm), so that an
+            unselected channel is pulled to zero output, not to a constant β_c; None leaves them
+            uncoupled. Other norms stay uncoupled (a layer or group norm's channels are no
+            filters that could be removed).
         exclude: glob patterns (``fnmatch``, case-sensitive) matched against module names
             (``"features.0"``, ``"fc*"``) and parameter names (``"fc.weight"``); matching
             parameters stay uncoupled.
@@ -91,7 +98,8 @@ def structured_param_groups(
     Returns:
         A list of param-group dicts (empty groups omitted), each with ``"params"``,
         ``"param_names"`` and ``"structure"``, in this order: coupled conv weights, coupled
-        linear weights, coupled norm scales (with ``norm_weight_decay``), other uncoupled
+        linear weights, coupled norm scales (with ``norm_weight_decay``; under ``"affine"``
+        one group per batch norm), other uncoupled
         weights, biases and normalisation parameters.
         Every parameter appears exactly once (shared parameters by their first name).
 
@@ -106,8 +114,8 @@ def structured_param_groups(
                 f"invalid {argument}: {structure!r} (expected 'filter', 'channel', 'element' or "
                 "None)"
             )
-    if norm not in (None, "element"):
-        raise ValueError(f"invalid norm: {norm!r} (expected 'element' or None)")
+    if norm not in NORM_STRUCTURES:
+        raise ValueError(f"invalid norm: {norm!r} (expected 'element', 'affine' or None)")
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {
         "conv": [],
         "linear": [],
@@ -135,8 +143,7 @@ def structured_param_groups(
                 buckets["conv"].append((full_name, param))
             elif is_weight and isinstance(module, nn.Linear) and linear is not None:
                 buckets["linear"].append((full_name, param))
-            elif (is_weight and norm is not None
-                  and isinstance(module, nn.modules.batchnorm._BatchNorm) and param.dim() == 1):
+            elif _coupled_norm_param(module, param_name, param, norm) and not excluded:
                 buckets["norm"].append((full_name, param))
             elif param.dim() <= 1 or isinstance(module, NORM_TYPES):
                 buckets["no_decay"].append((full_name, param))
@@ -145,16 +152,43 @@ def structured_param_groups(
 
     structures = {"conv": conv, "linear": linear, "norm": norm, "other": None, "no_decay": None}
     groups: list[dict[str, Any]] = []
-    for key, members in buckets.items():
+    for key, members in _split_affine(buckets, norm).items():
         if not members:
             continue
         group: dict[str, Any] = {
             "params": [p for _, p in members],
             "param_names": [n for n, _ in members],
-            "structure": structures[key],
+            "structure": "tied" if key.startswith("affine:") else structures[key],
         }
-        decay = norm_weight_decay if key in ("norm", "no_decay") else weight_decay
+        decay = norm_weight_decay if key in ("norm", "no_decay") or key.startswith("affine:") \
+            else weight_decay
         if decay is not None:
             group["weight_decay"] = decay
         groups.append(group)
     return groups
+
+
+def _coupled_norm_param(module: nn.Module, param_name: str, param: nn.Parameter,
+                        norm: str | None) -> bool:
+    """Whether ``norm`` couples this parameter: a batch norm's scale, and under ``"affine"``
+    its shift too."""
+    if norm is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    roles = ("weight", "bias") if norm == "affine" else ("weight",)
+    return param_name in roles and param.dim() == 1
+
+
+def _split_affine(buckets: dict[str, list[tuple[str, nn.Parameter]]], norm: str | None
+                  ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Under ``norm="affine"``, the coupled norm parameters as one bucket per batch norm
+    (``"affine:<module>"``, its scale and shift: one tied group per channel); else as given."""
+    if norm != "affine":
+        return buckets
+    out: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for key, members in buckets.items():
+        if key != "norm":
+            out[key] = members
+            continue
+        for name, param in members:
+            out.setdefault(f"affine:{name.rpartition('.')[0]}", []).append((name, param))
+    return out

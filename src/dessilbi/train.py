@@ -111,7 +111,8 @@ class RunResult:
 def _layer_type_options(
     config: TrainConfig, model: nn.Module, groups: list[dict[str, Any]]
 ) -> None:
-    """Per-layer-type λ and group scaling (``conv_lam``, ``linear_group_scaling``, ...)."""
+    """Per-layer-type λ, group scaling and ν (``conv_lam``, ``linear_group_scaling``,
+    ``norm_nu``, ...)."""
     conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     kind_of = {
         id(p): "conv" if isinstance(m, conv_types) else "linear" if isinstance(m, nn.Linear)
@@ -127,6 +128,8 @@ def _layer_type_options(
         lam, scaling = lams.get(kind), scalings.get(kind)
         group["lam"] = config.lam if lam is None else lam
         group["group_scaling"] = config.group_scaling if scaling is None else scaling
+        if kind == "norm" and config.norm_nu is not None:
+            group["nu"] = config.norm_nu
 
 
 def _config_callbacks(config: TrainConfig) -> list[Callback]:

@@ -56,10 +56,12 @@ def check_structure(structure: str | None, shape: torch.Size | tuple[int, ...]) 
             f"invalid structure: {structure!r} (expected 'filter', 'channel', 'element', 'tied' "
             "or None)"
         )
-    if structure in ("filter", "channel", "tied") and len(shape) < 2:
+    # A tied group may join 1-D tensors (a batch norm's scale and shift, entry i of each).
+    if structure in ("filter", "channel") and len(shape) < 2 or structure == "tied" and \
+            len(shape) < 1:
         raise ValueError(
             f"invalid structure: {structure!r} needs a tensor with at least 2 dimensions, "
-            f"got shape {tuple(shape)}; use 'element' or None for 1-D tensors"
+            f"got shape {tuple(shape)}; use 'element' (or 'tied') or None for 1-D tensors"
         )
 
 
@@ -75,6 +77,14 @@ def group_axis(structure: str) -> int:
 def _reduce_dims(structure: str, ndim: int) -> tuple[int, ...]:
     axis = group_axis(structure)
     return tuple(d for d in range(ndim) if d != axis)
+
+
+def _norms(t: torch.Tensor, structure: str, keepdim: bool = False) -> torch.Tensor:
+    """Euclidean norm of every group of ``t`` under a group structure; for a 1-D tensor of a
+    tied group, ``|t|`` (``vector_norm`` would read ``dim=()`` as every dimension)."""
+    if t.dim() == 1:
+        return t.abs()
+    return torch.linalg.vector_norm(t, dim=_reduce_dims(structure, t.dim()), keepdim=keepdim)
 
 
 def group_size(structure: str | None, shape: torch.Size | tuple[int, ...]) -> int:
@@ -97,7 +107,7 @@ def group_norms(t: torch.Tensor, structure: str) -> torch.Tensor:
     """Euclidean norm of every group of ``t`` as a 1-D tensor (``|t|`` flattened for elements)."""
     if structure == "element":
         return t.detach().abs().flatten()
-    return torch.linalg.vector_norm(t.detach(), dim=_reduce_dims(structure, t.dim()))
+    return _norms(t.detach(), structure)
 
 
 def prox(
@@ -124,7 +134,7 @@ def prox(
         return out
     if lam_g == 0.0:
         return torch.mul(v, kappa, out=out)
-    norms = torch.linalg.vector_norm(v, dim=_reduce_dims(structure, v.dim()), keepdim=True)
+    norms = _norms(v, structure, keepdim=True)
     # factor = 1 - lam_g/||v_g|| written as (n - lam_g)/n with n = max(||v_g||, lam_g): exactly 0
     # for every group at or under the threshold (zero-norm groups included), and no division by
     # zero. (1 - lam_g/n is not exact: torch computes scalar/tensor as scalar * (1/n), and
@@ -141,8 +151,7 @@ def tied_prox(vs: list[torch.Tensor], lam_g: float, kappa: float,
     """``kappa * prox`` of the group lasso whose group ``i`` is ``{v[i, ...] for v in vs}``:
     every ``outs[t][i]`` is ``max(0, 1 − lam_g/n_i)·vs[t][i]`` with ``n_i² = Σ_t ‖vs[t][i]‖²``,
     exactly zero in all tensors when ``n_i ≤ lam_g``."""
-    squares = sum(torch.linalg.vector_norm(v, dim=_reduce_dims("tied", v.dim())).square()
-                  for v in vs)
+    squares = sum(_norms(v, "tied").square() for v in vs)
     assert isinstance(squares, torch.Tensor)
     n = squares.sqrt().clamp_min_(lam_g) if lam_g > 0 else squares.sqrt()
     factor = (n - lam_g).div_(n) if lam_g > 0 else torch.ones_like(n)

@@ -86,9 +86,9 @@ def filter_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, st
 
 def on_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
                example_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``keep`` with every mask on a batch norm's scale (``norm_structure: element``: Γ on the
-    batch-norm scales selects channels) moved to the conv / linear weight whose output channels
-    that norm normalises; a layer masked both ways keeps the channels both keep.
+    """``keep`` with every mask on a batch norm's scale or shift (``norm_structure``: Γ on the
+    batch-norm affine parameters selects channels) moved to the conv / linear weight whose
+    output channels that norm normalises; a layer masked both ways keeps the channels both keep.
 
     Raises:
         ValueError: a mask on a norm's scale of the wrong length, or on a norm that no conv /
@@ -100,18 +100,20 @@ def on_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
     for name, kept in keep.items():
         module_name, _, param = name.rpartition(".")
         module = modules.get(module_name)
-        if isinstance(module, _NORMS) and param == "weight":
+        if isinstance(module, _NORMS) and param in ("weight", "bias"):
             if kept.dim() != 1 or kept.numel() != module.weight.shape[0]:
                 raise ValueError(f"{name}: mask of shape {tuple(kept.shape)}, expected "
                                  f"[{module.weight.shape[0]}] (one entry per channel)")
             norm_names.append(name)
         elif module is not None and not (isinstance(module, LAYER_TYPES) and param == "weight"):
             raise ValueError(f"{name}: masks are kept per conv / linear weight or batch-norm "
-                             "scale; this is neither")
+                             "scale or shift; this is none of them")
     if not norm_names:
         return dict(keep)
-    producer = {f"{norm}.weight": weight
-                for weight, norm in filter_norms(model, example_inputs).items()}
+    # A norm's shift (norm_structure: affine) selects the same channels as its scale.
+    producer = {f"{norm}.{param}": weight
+                for weight, norm in filter_norms(model, example_inputs).items()
+                for param in ("weight", "bias")}
     out: dict[str, torch.Tensor] = {}
     for name, kept in keep.items():
         if name in norm_names and name not in producer:

@@ -110,10 +110,13 @@ def keep_from_indices(kept: Mapping[str, Sequence[int]], sizes: Mapping[str, int
 def _filter_layers(record: PathRecord, epoch: int) -> list[str]:
     """The layers coupled at ``epoch`` whose groups are output channels: filter-structured
     weights and norm scales (channel groups are inputs, element groups of a weight single
-    entries: neither removes a filter)."""
+    entries: neither removes a filter). A norm's shift tied to its scale (``norm_structure:
+    affine``) is left out: the scale's mask stands for the channel, ordered once."""
+    names = set(record.names)
     return [n for n in record.names
             if selects_channels(record.structure(n), len(record.group_shape(n, epoch)))
-            and any(record.group_shape(n, epoch))]
+            and any(record.group_shape(n, epoch))
+            and not (n.endswith(".bias") and f"{n.removesuffix('.bias')}.weight" in names)]
 
 
 def _epoch(record: PathRecord, epoch: int | None) -> int:
