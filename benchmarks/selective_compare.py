@@ -29,6 +29,7 @@ from dessilbi.numerics import autocast_factory, input_preparer
 from dessilbi.path_record import PathRecord, load_path
 from dessilbi.run_files import read_metrics
 from dessilbi.runs import load_run
+from dessilbi.structure import distinct_group_names
 from dessilbi.subnet import filter_norms, l1_mask, random_mask, zero_pruned_filters
 from dessilbi.subnet.dependency import on_filters
 
@@ -277,16 +278,17 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
                      f"{fmt(r.get('slimming'))} | {fmt(r['random'])} "
                      f"({', '.join(fmt(x) for x in r['random_each'])}) | "
                      f"{_overlap(r)} |")
+    layers = distinct_group_names(record.names)  # a channel's scale and shift: one group
     lines += ["", "## Per epoch", "",
               "Test accuracy (%) of SGD and of DessiLBI's W and W̃, and the selected groups "
               "per layer (columns: the coupled tensors in order).", "",
               "| epoch | SGD | W | W̃ | selected | " + " | ".join(
-                  n.removesuffix(".weight") for n in record.names) + " |",
-              "|---|---|---|---|---|" + "---|" * len(record.names)]
+                  n.removesuffix(".weight") for n in layers) + " |",
+              "|---|---|---|---|---|" + "---|" * len(layers)]
     for i, m in enumerate(lbi):
         epoch = m["epoch"]
-        cells = [f"{int(record.support(n, epoch).sum())}" for n in record.names] \
-            if epoch in record.epochs else ["–"] * len(record.names)
+        cells = [f"{int(record.support(n, epoch).sum())}" for n in layers] \
+            if epoch in record.epochs else ["–"] * len(layers)
         sgd_acc = fmt(sgd[i]["test_acc"]) if i < len(sgd) else "–"
         lines.append(f"| {epoch} | {sgd_acc} | {fmt(m['test_acc'])} | "
                      f"{fmt(m['test_acc_sparse'])} | {_selected(m)} | " + " | ".join(cells) + " |")
@@ -301,5 +303,6 @@ def _overlap(result: dict[str, Any]) -> str:
 
 
 def _selected(metrics: dict[str, Any]) -> str:
-    pairs = list(metrics["selected"].values())
+    selected = metrics["selected"]
+    pairs = [selected[n] for n in distinct_group_names(selected)]
     return f"{sum(p[0] for p in pairs)} / {sum(p[1] for p in pairs)}"

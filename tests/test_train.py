@@ -402,6 +402,7 @@ def test_affine_norms_couple_scale_and_shift_per_channel(tmp_path: Path) -> None
     the unselected channels' filters and affine zeroed, and prunes half the channels once."""
     from dessilbi import load_run
     from dessilbi.path_record import load_path
+    from dessilbi.structure import distinct_group_names
     from dessilbi.subnet import ordered_mask, support_mask
     from dessilbi.train import build_optimizer
 
@@ -427,6 +428,7 @@ def test_affine_norms_couple_scale_and_shift_per_channel(tmp_path: Path) -> None
     kept = sum(int(record.support(n, 2).sum()) for n in scales)
     assert 0 < kept < sum(record.group_shape(n)[0] for n in scales)
     assert sorted(support_mask(record).keep) == sorted(scales)
+    assert distinct_group_names(record.names) == scales
     half = ordered_mask(record, 0.5)
     assert half.counts() == {n: record.group_shape(n)[0] // 2 for n in scales}
     pruned = load_run(run_dir, weights="pruned").model

@@ -8,7 +8,7 @@ decay can be switched off for them, as the reference code did).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -16,7 +16,8 @@ from torch import nn
 
 from dessilbi.optim.proximal import STRUCTURES
 
-__all__ = ["NORM_STRUCTURES", "NORM_TYPES", "structured_param_groups", "unwrap_model"]
+__all__ = ["NORM_STRUCTURES", "NORM_TYPES", "distinct_group_names", "structured_param_groups",
+           "unwrap_model"]
 
 #: Structures of batch-norm parameters: their scales (``"element"``), scales and shifts as one
 #: group per channel (``"affine"``), or uncoupled.
@@ -192,3 +193,14 @@ def _split_affine(buckets: dict[str, list[tuple[str, nn.Parameter]]], norm: str 
         for name, param in members:
             out.setdefault(f"affine:{name.rpartition('.')[0]}", []).append((name, param))
     return out
+
+
+def distinct_group_names(names: Iterable[str]) -> list[str]:
+    """``names`` of coupled tensors without the batch-norm shifts whose scale is among them:
+    under ``norm="affine"`` a channel's group spans its scale and its shift, so counting or
+    ordering the groups of both would count each channel twice (coupled layer and conv biases
+    are never in a group, so a ``.bias`` next to its ``.weight`` is such a shift)."""
+    names = list(names)
+    present = set(names)
+    return [n for n in names
+            if not (n.endswith(".bias") and f"{n.removesuffix('.bias')}.weight" in present)]

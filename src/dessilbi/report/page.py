@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dessilbi.report.run_data import RunData
+from dessilbi.structure import distinct_group_names
 
 __all__ = ["Section", "config_table", "render_page", "summary_table", "table"]
 
@@ -77,6 +78,7 @@ def summary_table(runs: Sequence[RunData]) -> str:
         last = run.metrics[-1]
         sparse = last.get("test_acc_sparse")
         selected = last.get("selected") or {}
+        selected = {n: selected[n] for n in distinct_group_names(selected)}
         chosen = sum(v[0] for v in selected.values())
         total = sum(v[1] for v in selected.values())
         rows.append([run.label, run.config.get("optimizer"), last["epoch"],

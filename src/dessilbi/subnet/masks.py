@@ -26,6 +26,7 @@ import torch
 
 from dessilbi.optim.proximal import selects_channels
 from dessilbi.path_record import PathRecord
+from dessilbi.structure import distinct_group_names
 
 __all__ = [
     "MASK_FORMAT",
@@ -112,11 +113,9 @@ def _filter_layers(record: PathRecord, epoch: int) -> list[str]:
     weights and norm scales (channel groups are inputs, element groups of a weight single
     entries: neither removes a filter). A norm's shift tied to its scale (``norm_structure:
     affine``) is left out: the scale's mask stands for the channel, ordered once."""
-    names = set(record.names)
-    return [n for n in record.names
+    return [n for n in distinct_group_names(record.names)
             if selects_channels(record.structure(n), len(record.group_shape(n, epoch)))
-            and any(record.group_shape(n, epoch))
-            and not (n.endswith(".bias") and f"{n.removesuffix('.bias')}.weight" in names)]
+            and any(record.group_shape(n, epoch))]
 
 
 def _epoch(record: PathRecord, epoch: int | None) -> int:
