@@ -39,8 +39,9 @@ Masks = dict[str, torch.Tensor]
 
 
 def selected_fraction(record: PathRecord, epoch: int) -> float:
-    kept = sum(int(record.support(n, epoch).sum()) for n in record.names)
-    return kept / sum(record.group_shape(n)[0] for n in record.names)
+    names = distinct_group_names(record.names)  # a channel's scale and shift: one group
+    kept = sum(int(record.support(n, epoch).sum()) for n in names)
+    return kept / sum(record.group_shape(n)[0] for n in names)
 
 
 #: How far from a target fraction the closest epoch may be and still stand for it.

@@ -404,10 +404,11 @@ def test_affine_norms_couple_scale_and_shift_per_channel(tmp_path: Path) -> None
     from dessilbi.path_record import load_path
     from dessilbi.structure import distinct_group_names
     from dessilbi.subnet import ordered_mask, support_mask
-    from dessilbi.train import build_optimizer
+    from dessilbi.subnet.masks import path_order
+    from dessilbi.train import build_optimizer, format_summary
 
     config = load_config("digits", {"model": "resnet20", "conv_structure": "none",
-                                    "norm_structure": "affine", "norm_lam": 0.3,
+                                    "norm_structure": "affine", "norm_lam": 1.0,
                                     "linear_structure": "none", "norm_nu": 1,
                                     "model_kwargs": {"widths": [4, 8, 8]},
                                     "epochs": 2, "lr": 0.5, "nu": 100, "out": str(tmp_path)})
@@ -418,9 +419,12 @@ def test_affine_norms_couple_scale_and_shift_per_channel(tmp_path: Path) -> None
     assert {g["nu"] for g in coupled} == {1} and \
         all([n.rpartition(".")[2] for n in g["param_names"]] == ["weight", "bias"]
             for g in coupled)
-    run_dir = train(config, quiet=True).run_dir
+    result = train(config, quiet=True)
+    run_dir = result.run_dir
     record = load_path(run_dir / "path.pt")
     assert len(record.names) == 42
+    summary = format_summary(result)
+    assert "layer1.0.bn1.weight" in summary and ".bias" not in summary
     scales = [n for n in record.names if n.endswith(".weight")]
     for name in scales:
         assert torch.equal(record.support(name, 2),
@@ -431,6 +435,18 @@ def test_affine_norms_couple_scale_and_shift_per_channel(tmp_path: Path) -> None
     assert distinct_group_names(record.names) == scales
     half = ordered_mask(record, 0.5)
     assert half.counts() == {n: record.group_shape(n)[0] // 2 for n in scales}
+    # Channels that never entered follow in the order of their joint norm sqrt(γ² + β²).
+    # Made-up norms in which the shifts decide: the scales' order is the reverse.
+    layer = max(scales, key=lambda n: int((record.entry_step(n) < 0).sum()))
+    shift, count = layer.replace(".weight", ".bias"), record.group_shape(layer)[0]
+    made_up = {layer: torch.linspace(0.1, 0.2, count), shift: torch.linspace(3.0, 1.0, count)}
+    recorded = record.group_norms
+    record.group_norms = lambda n: made_up[n].expand(len(record.epochs), -1) \
+        if n in made_up else recorded(n)  # type: ignore[method-assign]
+    order = path_order(record, layer, 2)
+    out = order[(record.entry_step(layer) < 0)[order]]
+    assert out.numel() >= 2 and out.tolist() == sorted(out.tolist())
+    record.group_norms = recorded  # type: ignore[method-assign]
     pruned = load_run(run_dir, weights="pruned").model
     for name in scales:
         dropped = ~record.support(name, 2)
@@ -453,10 +469,12 @@ def test_norm_nu_sets_the_coupling_of_the_norm_scales_only() -> None:
     nus = {g["structure"]: g["nu"] for g in build_optimizer(config, model).param_groups}
     assert nus["element"] == 2 and nus["filter"] == 50
     assert config.config_hash() != load_config("digits", overrides).config_hash()
-    assert load_config("digits", {**overrides, "norm_nu": None}).config_hash() == \
-        load_config("digits", overrides).config_hash()
     with pytest.raises(ConfigError, match="invalid norm_nu"):
-        load_config("digits", {"norm_nu": 0})
+        load_config("digits", {"norm_structure": "element", "norm_nu": 0})
+    # Without coupled norms it would only rename the run: refused, as norm_lam.
+    for key in ("norm_nu", "norm_lam"):
+        with pytest.raises(ConfigError, match=f"invalid {key}: 2.0 .*norm_structure is none"):
+            load_config("digits", {key: 2.0})
 
 
 def test_bf16_channels_last_trains_with_float32_state(tmp_path: Path) -> None:

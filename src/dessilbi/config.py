@@ -87,10 +87,13 @@ class TrainConfig:
         "convolutions than for linear layers"
     )
     linear_lam: float | None = _opt(None, "λ of linear weights (default: lam)")
-    norm_lam: float | None = _opt(None, "λ of coupled norm scales (default: lam)")
+    norm_lam: float | None = _opt(
+        None, "λ of the coupled batch-norm groups, scales or scale-and-shift pairs (default: lam)"
+    )
     norm_nu: float | None = _opt(
-        None, "ν of coupled norm scales (default: nu); a small ν holds an unselected scale near "
-        "Γ = 0, so that removing its channel changes little (docs/selection.md)"
+        None, "ν of the coupled batch-norm groups (default: nu); a smaller ν holds an unselected "
+        "channel's scale (and shift) nearer Γ = 0, so that removing it changes less "
+        "(docs/selection.md)"
     )
     selection_start: int | None = _opt(
         None, "instead of λ: the epoch during which every coupled layer's first groups enter; "
@@ -213,6 +216,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"invalid {key}: {getattr(self, key)!r} (expected {expected})")
         self._check_schedule_length()
+        self._check_norm_options()
 
     def _optimizer_checks(self) -> list[tuple[str, bool, str]]:
         """The optimizer's hyperparameters, checked here so errors name the config key."""
@@ -248,6 +252,18 @@ class TrainConfig:
             ("threads", self.threads is None or self.threads >= 1,
              "at least 1, or null for torch's default"),
         ]
+
+    def _check_norm_options(self) -> None:
+        """``norm_lam`` / ``norm_nu`` set the coupled norms' λ / ν: refused with none coupled
+        (they would change the run's name and nothing else)."""
+        if self.norm_structure is not None:
+            return
+        for key in ("norm_lam", "norm_nu"):
+            if getattr(self, key) is not None:
+                raise ConfigError(
+                    f"invalid {key}: {getattr(self, key)!r} (it sets the coupled batch norms' "
+                    f"{key.removeprefix('norm_')}; norm_structure is none: leave it unset, or "
+                    "set norm_structure)")
 
     def _check_schedule_length(self) -> None:
         """The cosine schedule's length is fixed in the config: longer training is refused."""

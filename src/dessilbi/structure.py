@@ -198,8 +198,9 @@ def _split_affine(buckets: dict[str, list[tuple[str, nn.Parameter]]], norm: str 
 def distinct_group_names(names: Iterable[str]) -> list[str]:
     """``names`` of coupled tensors without the batch-norm shifts whose scale is among them:
     under ``norm="affine"`` a channel's group spans its scale and its shift, so counting or
-    ordering the groups of both would count each channel twice (coupled layer and conv biases
-    are never in a group, so a ``.bias`` next to its ``.weight`` is such a shift)."""
+    ordering the groups of both would count each channel twice. :func:`structured_param_groups`
+    couples no other bias, so a ``.bias`` recorded next to its ``.weight`` is such a shift; a
+    hand-written param group that couples a layer's bias with its weight is read the same way."""
     names = list(names)
     present = set(names)
     return [n for n in names

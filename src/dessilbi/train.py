@@ -78,7 +78,12 @@ from dessilbi.run_files import (
 from dessilbi.run_state import Architecture, ModelFactory, OptimizerFactory, TrainingRun
 from dessilbi.schedule import lr_multiplier
 from dessilbi.selection import StartEpochThresholds, split_coupled_groups
-from dessilbi.structure import NORM_TYPES, structured_param_groups, unwrap_model
+from dessilbi.structure import (
+    NORM_TYPES,
+    distinct_group_names,
+    structured_param_groups,
+    unwrap_model,
+)
 
 __all__ = [
     "CheckpointError",
@@ -743,6 +748,7 @@ def format_summary(result: RunResult) -> str:
     if result.selected:
         width = max(len(name) for name in result.selected)
         lines.append(f"{'layer':<{width}}  selected / groups")
-        for name, (sel, total) in result.selected.items():
+        for name in distinct_group_names(result.selected):  # a channel's scale and shift: once
+            sel, total = result.selected[name]
             lines.append(f"{name:<{width}}  {sel:>8} / {total}")
     return "\n".join(lines)

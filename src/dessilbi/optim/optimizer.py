@@ -56,7 +56,8 @@ class DessiLBI(Optimizer):
       ``V[:, j, ...]`` (group lasso), exactly zero when ``‖V_g‖ ≤ λ_g``;
     - ``"tied"``: as ``"filter"``, with group ``i`` the filters ``V_t[i, ...]`` of every tensor
       ``t`` of the param group together (one norm; all tensors need the same number of filters,
-      and a group steps all its tensors or none).
+      and a group steps all its tensors or none); 1-D tensors too, such as a batch norm's scale
+      and shift (``structured_param_groups(norm="affine")``).
 
     State per parameter: ``"momentum_buffer"`` (when momentum > 0), and for coupled parameters
     ``"v"`` (V) and ``"gamma"`` (Γ), all tensors, so ``state_dict()`` restores a run exactly;

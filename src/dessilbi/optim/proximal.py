@@ -10,7 +10,8 @@ A *structure* says how a weight tensor is cut into groups:
 - ``"tied"``: filters tied across the tensors of one param group (layers whose output channels
   a residual addition joins): group ``i`` is the union of the slices ``t[i, ...]`` of every
   tensor in the group, with one norm ``sqrt(Σ_t ‖t[i, ...]‖²)`` (:func:`tied_prox`), so Γ
-  zeroes filter ``i`` in all of them at once. Read per tensor it is ``"filter"``.
+  zeroes filter ``i`` in all of them at once. Read per tensor it is ``"filter"``. The tensors
+  may be 1-D: a batch norm's scale and shift, group ``i`` their entries ``i``.
 - ``None``: the tensor is not coupled to a structure parameter at all.
 
 The same helpers serve the optimizer (to compute Γ) and the path read-outs (to report which groups
@@ -57,11 +58,13 @@ def check_structure(structure: str | None, shape: torch.Size | tuple[int, ...]) 
             "or None)"
         )
     # A tied group may join 1-D tensors (a batch norm's scale and shift, entry i of each).
-    if structure in ("filter", "channel") and len(shape) < 2 or structure == "tied" and \
-            len(shape) < 1:
+    if structure == "tied" and len(shape) < 1:
+        raise ValueError(f"invalid structure: 'tied' needs a tensor with at least 1 dimension, "
+                         f"got shape {tuple(shape)}")
+    if structure in ("filter", "channel") and len(shape) < 2:
         raise ValueError(
             f"invalid structure: {structure!r} needs a tensor with at least 2 dimensions, "
-            f"got shape {tuple(shape)}; use 'element' (or 'tied') or None for 1-D tensors"
+            f"got shape {tuple(shape)}; use 'element' or None for 1-D tensors"
         )
 
 

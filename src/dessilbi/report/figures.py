@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dessilbi.report.run_data import RunData
+from dessilbi.structure import distinct_group_names
 
 __all__ = [
     "MAX_CURVES",
@@ -152,7 +153,8 @@ def selection_figure(run: RunData) -> Figure:
     """Selected against total groups per coupled layer at the last epoch, with the ratio."""
     assert run.path is not None
     last = run.path.epochs[-1]
-    names = [n for n in run.path.names if any(run.path.group_shape(n, last))]  # still coupled
+    names = [n for n in distinct_group_names(run.path.names)
+             if any(run.path.group_shape(n, last))]  # still coupled; a scale and shift once
     totals = [run.path.support(n, last).numel() for n in names]
     chosen = [int(run.path.selected(n)[-1]) for n in names]
     figure, ax = plt.subplots(figsize=(7.5, 0.32 * len(names) + 1.4))
@@ -221,7 +223,7 @@ def sparsity(run: RunData) -> list[float]:
 def entry_figure(run: RunData) -> Figure:
     """When groups entered the support: the fraction of each layer's groups per entry epoch."""
     assert run.path is not None
-    names, epochs = run.path.names, run.path.epochs
+    names, epochs = distinct_group_names(run.path.names), run.path.epochs
     table = np.zeros((len(names), len(epochs) + 1))
     for row, name in enumerate(names):
         entry = run.path.entry_epoch(name).flatten()

@@ -91,9 +91,10 @@ def on_filters(model: nn.Module, keep: Mapping[str, torch.Tensor],
     output channels that norm normalises; a layer masked both ways keeps the channels both keep.
 
     Raises:
-        ValueError: a mask on a norm's scale of the wrong length, or on a norm that no conv /
-            linear layer feeds directly (after an addition, say), so no filter can be removed
-            with its channel; a mask on anything that is neither a layer's nor a norm's weight.
+        ValueError: a mask on a norm's scale or shift of the wrong length, or on a norm that
+            no conv / linear layer feeds directly (after an addition, say), so no filter can be
+            removed with its channel; a mask on anything that is neither a layer's weight nor a
+            norm's scale or shift.
     """
     modules = dict(model.named_modules())
     norm_names = []

@@ -131,10 +131,22 @@ def support_mask(record: PathRecord, epoch: int | None = None) -> FilterMask:
     return FilterMask(keep, {"method": "support", "epoch": at, "path": record.source})
 
 
+def _recorded_norms(record: PathRecord, name: str, index: int, groups: int) -> torch.Tensor:
+    """‖W_g‖ of ``name``'s groups at epoch ``index``; for a norm's scale tied to its shift
+    (``norm_structure: affine``), the group's joint norm sqrt(γ_c² + β_c²)."""
+    norms = record.group_norms(name)[index, :groups].double().nan_to_num(0.0)
+    shift = f"{name.removesuffix('.weight')}.bias"
+    if record.structure(name) == "tied" and name.endswith(".weight") and shift in record.names:
+        norms = torch.hypot(norms, record.group_norms(shift)[index, :groups].double()
+                            .nan_to_num(0.0))
+    return norms
+
+
 def path_order(record: PathRecord, name: str, epoch: int) -> torch.Tensor:
     """Group indices of layer ``name`` in the paper's order: entry step ascending (groups
-    entered after ``epoch`` or never come last), ties by ‖W_g‖ at ``epoch`` descending (for a
-    norm's scales, whose per-entry norms the path does not keep, by channel index)."""
+    entered after ``epoch`` or never come last), ties by ‖W_g‖ at ``epoch`` descending (a norm's
+    scale and shift tied: by their joint norm; a norm's scales as elements, whose per-entry
+    norms the path does not keep: by channel index)."""
     index = record.epochs.index(epoch)
     step = record.steps[index]
     groups = record.group_shape(name, epoch)[0]
@@ -144,7 +156,7 @@ def path_order(record: PathRecord, name: str, epoch: int) -> torch.Tensor:
         # A norm's scales: the path keeps no per-entry norms, so ties stay in channel order.
         norms = torch.zeros(groups, dtype=torch.float64)
     else:
-        norms = record.group_norms(name)[index, :groups].double().nan_to_num(0.0)
+        norms = _recorded_norms(record, name, index, groups)
     # Sort by norm first, then stably by entry: entry ascending, norm descending among ties.
     by_norm = norms.argsort(descending=True, stable=True)
     return by_norm[entry[by_norm].argsort(stable=True)]
