@@ -412,3 +412,28 @@ def test_a_run_with_filter_norm_scale_starts_from_the_scaled_draw(tmp_path: Path
                               init_from=str(plain.run_dir / "init.pt"), **settings),
                       model=_bn_net(), quiet=True)
     assert torch.equal(torch.load(given.run_dir / "init.pt")["0.weight"], a["0.weight"])
+
+
+def test_affine_norm_groups_start_selecting_in_the_chosen_epoch(tmp_path: Path) -> None:
+    """``selection_start`` with ``norm_structure: affine``: one λ per batch norm (its scale and
+    shift one tied group); no channel enters before the start epoch, most layers' first
+    channels enter in it and the rest in the next, a scale always with its shift."""
+    start = 4
+    config = load_config("digits", {
+        "model": "resnet20", "model_kwargs": {"widths": [4, 8, 8]}, "conv_structure": "none",
+        "norm_structure": "affine", "norm_nu": 10, "linear_structure": "none", "epochs": 5,
+        "selection_start": start, "selection_calibration": 2,
+        "selection_extrapolation": "linear", "out": str(tmp_path)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the calibration's advice is another test's subject
+        run_dir = train(config, quiet=True).run_dir
+    entries = _first_entries(run_dir)
+    assert len(entries) == 42 and set(entries.values()) <= {start, start + 1}
+    assert sum(e == start for e in entries.values()) > len(entries) / 2
+    record = load_path(run_dir / "path.pt")
+    for name in record.names:
+        if name.endswith(".bias"):
+            assert torch.equal(record.entry_epoch(name),
+                               record.entry_epoch(name.replace(".bias", ".weight")))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines[1]["selection_lam"]) == 21
