@@ -111,6 +111,10 @@ RUNS = {
     # and a layer's channels shrinking together is undone by the next batch norm.
     "affine_nu1": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 1, **_LINE},
     "affine_nu10": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10, **_LINE},
+    # As `affine_nu10` under the default `schedule` extrapolation, which sets a lower lambda
+    # under the cosine schedule (on `late`: 563 filters by epoch 20 instead of 527).
+    "affine_schedule": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
+                        "selection_extrapolation": "schedule"},
     # `affine_nu10` for VGG-16-BN: calibrated over epoch 3 (the scales' pull time constant
     # norm_nu/(kappa*lr) is 200 steps at lr 0.05) for a start in epoch 7; batch 32 as `steps`.
     "affine_b32": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
@@ -176,6 +180,9 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=None,
                         help="train on this many images (a seeded subset)")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--also-at", type=int, nargs="+", default=[], metavar="EPOCH",
+                        help="compare: the pruned networks of these epochs too (a path that "
+                        "never reaches 70 %% or 50 %% of the channels, say)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg")

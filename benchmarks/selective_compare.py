@@ -173,7 +173,12 @@ def compare(args: argparse.Namespace, run_config: Callable[[str, argparse.Namesp
     record = load_path(runs["dessilbi"] / "path.pt")
     available = {int(p.stem.split("_")[1]) for p in (runs["dessilbi"] / "weights").glob("*.pt")}
     accuracy = _evaluator(runs["dessilbi"])
-    epochs = sorted(set(target_epochs(record, available).values()))
+    missing = sorted(set(args.also_at) - available)
+    if missing:
+        raise SystemExit(f"--also-at {' '.join(map(str, missing))}: no saved weights of "
+                         f"{'that epoch' if len(missing) == 1 else 'those epochs'} in "
+                         f"{runs['dessilbi'] / 'weights'}")
+    epochs = sorted(set(target_epochs(record, available).values()) | set(args.also_at))
     results = [pruned_accuracies(runs["dessilbi"], record, epoch, accuracy, recalibrate)
                for recalibrate in (False, True) for epoch in epochs]
     hists = {"dessilbi": read_history(runs["dessilbi"]), "sgd": _baseline(configs["sgd"], args)}
@@ -204,7 +209,14 @@ def _baseline(config: TrainConfig, args: argparse.Namespace) -> list[dict[str, A
     return recorded
 
 
-_COUPLING = {"bn": "Γ on the batch-norm scales (one group per channel; convs uncoupled)"}
+def _coupling(c: TrainConfig) -> str:
+    """What Γ is coupled to in the DessiLBI run, in words."""
+    norms = {"element": "Γ on the batch-norm scales (one group per channel",
+             "affine": "Γ on each channel's batch-norm scale and shift (one group per channel"}
+    if c.norm_structure is None:
+        return "filter groups on every conv"
+    text = norms[c.norm_structure] + (f", ν {c.norm_nu:g}" if c.norm_nu is not None else "")
+    return text + ("; convs uncoupled)" if c.conv_structure is None else "; conv filters too)")
 
 
 def write_markdown(args: argparse.Namespace, record: PathRecord,
@@ -227,7 +239,7 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         "CIFAR-10 JPEG copy, bf16 autocast + channels-last on CPU "
         f"({args.threads} thread(s), torch {torch.__version__}, {platform.machine()}). "
         f"DessiLBI: ν {c.nu:g}, κ {c.kappa:g}, "
-        f"{_COUPLING.get(args.variant, 'filter groups on every conv')}, classifier "
+        f"{_coupling(c)}, classifier "
         f"uncoupled, `selection_start: {c.selection_start}` (λ per layer calibrated over "
         f"{c.selection_calibration} epoch(s), `{c.selection_extrapolation}` extrapolation"
         + (", equal filter norms" if c.equal_filter_norms else "")
@@ -239,7 +251,8 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         f"Produced by `.venv/bin/python benchmarks/cifar_selective.py train{flags} --only "
         f"{args.variant} {args.baseline}` and `... compare{flags}"
         + (f" --variant {args.variant}" if args.variant != "dessilbi" else "")
-        + (f" --baseline {args.baseline}`." if args.baseline != "sgd" else "`."),
+        + (f" --baseline {args.baseline}" if args.baseline != "sgd" else "")
+        + (f" --also-at {' '.join(map(str, args.also_at))}" if args.also_at else "") + "`.",
         "",
         "| run | dense W (%) | sparse W̃ (%) | selected channels |",
         "|---|---|---|---|",
@@ -249,7 +262,9 @@ def write_markdown(args: argparse.Namespace, record: PathRecord,
         "",
         "## Pruned networks, no fine-tuning",
         "",
-        "At the epochs where Γ's support holds about 70 % and 50 % of the channels: test "
+        "At the epochs where Γ's support holds about 70 % and 50 % of the channels"
+        + (f" (and at epoch {', '.join(map(str, args.also_at))}, asked for)" if args.also_at
+           else "") + ": test "
         "accuracy (%) of the network of that epoch's weights with the unselected filters, their "
         "biases and batch-norm affine zeroed, for DessiLBI's support and for masks of the same "
         "per-layer counts: the largest-L1-norm filters of the same weights, the largest "
