@@ -115,6 +115,15 @@ RUNS = {
     # under the cosine schedule (on `late`: 563 filters by epoch 20 instead of 527).
     "affine_schedule": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
                         "selection_extrapolation": "schedule"},
+    # As `affine_schedule`, started early: the norms' pull settles within norm_nu/(kappa*lr)
+    # = 100 steps, so one epoch calibrates, and a start in epoch 3 leaves more of the run (at a
+    # higher lr) for the channels to enter; `affine_nu30_early` holds the unselected ones less.
+    "affine_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
+                     "selection_calibration": 1, "selection_start": 3,
+                     "selection_extrapolation": "schedule"},
+    "affine_nu30_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 30,
+                          "selection_calibration": 1, "selection_start": 3,
+                          "selection_extrapolation": "schedule"},
     # `affine_nu10` for VGG-16-BN: calibrated over epoch 3 (the scales' pull time constant
     # norm_nu/(kappa*lr) is 200 steps at lr 0.05) for a start in epoch 7; batch 32 as `steps`.
     "affine_b32": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
