@@ -124,6 +124,12 @@ RUNS = {
     "affine_nu30_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 30,
                           "selection_calibration": 1, "selection_start": 3,
                           "selection_extrapolation": "schedule"},
+    # As `affine_schedule` with a weaker pull on the norms: the dense network pays less for
+    # holding the unselected channels small (as `affine_nu30_early` against `affine_early`).
+    "affine_nu30": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 30,
+                    "selection_extrapolation": "schedule"},
+    "affine_nu50": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 50,
+                    "selection_extrapolation": "schedule"},
     # `affine_nu10` for VGG-16-BN: calibrated over epoch 3 (the scales' pull time constant
     # norm_nu/(kappa*lr) is 200 steps at lr 0.05) for a start in epoch 7; batch 32 as `steps`.
     "affine_b32": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
