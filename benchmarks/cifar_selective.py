@@ -130,11 +130,18 @@ RUNS = {
                     "selection_extrapolation": "schedule"},
     "affine_nu50": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 50,
                     "selection_extrapolation": "schedule"},
+    "affine_nu100": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 100,
+                     "selection_extrapolation": "schedule"},
     # `affine_nu10` for VGG-16-BN: calibrated over epoch 3 (the scales' pull time constant
     # norm_nu/(kappa*lr) is 200 steps at lr 0.05) for a start in epoch 7; batch 32 as `steps`.
     "affine_b32": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
                    "selection_calibration": 3, "selection_start": 7, "batch_size": 32,
                    **_LINE},
+    # `affine_b32` started early (as `affine_early` on ResNet-20): calibrated over epochs 1-2
+    # (750 steps, 3.75 pull time constants of 200 steps) for a start in epoch 4.
+    "affine_b32_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
+                         "selection_calibration": 2, "selection_start": 4, "batch_size": 32,
+                         "selection_extrapolation": "schedule"},
 }
 
 
