@@ -918,6 +918,28 @@ def tied_spec(model: TiedNet, **hyper: Any) -> list[dict[str, Any]]:
     ]
 
 
+def _three_paths_beside_oracle(
+    ref: nn.Module, oracle: NaiveDessiLBI, spec: Callable[[Any], list[dict[str, Any]]]
+) -> list[tuple[nn.Module, DessiLBI]]:
+    """Copies of ``ref`` under the foreach, per-tensor and fused paths, each stepped 30 times
+    on one float64 batch (2×6×6 inputs, 3 classes) with ``ref`` and its ``oracle``."""
+    runs = []
+    for options in ({"foreach": True}, {"foreach": False}, {"fused": True}):
+        model = copy.deepcopy(ref)
+        runs.append((model, DessiLBI(spec(model), **options)))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 2, 6, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    for _ in range(30):
+        for m in (ref, *(model for model, _ in runs)):
+            m.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+        oracle.step()
+        for _, opt in runs:
+            opt.step()
+    return runs
+
+
 @pytest.mark.parametrize("scaling", ["none", "sqrt_size"])
 @pytest.mark.parametrize("config", list(MOMENTUM_CONFIGS), ids=list(MOMENTUM_CONFIGS))
 def test_tied_filters_match_the_oracle_and_share_their_support(config: str, scaling: str
@@ -933,20 +955,7 @@ def test_tied_filters_match_the_oracle_and_share_their_support(config: str, scal
     torch.manual_seed(0)
     ref = TiedNet().to(F64)
     oracle = NaiveDessiLBI(tied_spec(ref, **hyper))
-    runs = []
-    for options in ({"foreach": True}, {"foreach": False}, {"fused": True}):
-        model = copy.deepcopy(ref)
-        runs.append((model, DessiLBI(tied_spec(model, **hyper), **options)))
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 2, 6, 6, generator=gen, dtype=F64)
-    y = torch.randint(0, 3, (16,), generator=gen)
-    for _ in range(30):
-        for m in (ref, *(model for model, _ in runs)):
-            m.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(m(x), y).backward()
-        oracle.step()
-        for _, opt in runs:
-            opt.step()
+    runs = _three_paths_beside_oracle(ref, oracle, lambda model: tied_spec(model, **hyper))
     for model, opt in runs:
         assert_states_match(model, opt, ref, oracle)
         a, b = (group_norms(opt.state[p]["gamma"], "tied") > 0
@@ -999,20 +1008,7 @@ def test_affine_norm_groups_match_the_oracle_and_share_their_support() -> None:
     assert [(g["structure"], g["param_names"]) for g in groups if g["structure"]] == \
         [("tied", ["bn.weight", "bn.bias"])]
     oracle = NaiveDessiLBI(spec(ref))
-    runs = []
-    for options in ({"foreach": True}, {"foreach": False}, {"fused": True}):
-        model = copy.deepcopy(ref)
-        runs.append((model, DessiLBI(spec(model), **options)))
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 2, 6, 6, generator=gen, dtype=F64)
-    y = torch.randint(0, 3, (16,), generator=gen)
-    for _ in range(30):
-        for m in (ref, *(model for model, _ in runs)):
-            m.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(m(x), y).backward()
-        oracle.step()
-        for _, opt in runs:
-            opt.step()
+    runs = _three_paths_beside_oracle(ref, oracle, spec)
     for model, opt in runs:
         assert_states_match(model, opt, ref, oracle)
         scale, shift = (opt.state[p]["gamma"] != 0 for p in (model.bn.weight, model.bn.bias))
