@@ -922,7 +922,8 @@ def _three_paths_beside_oracle(
     ref: nn.Module, oracle: NaiveDessiLBI, spec: Callable[[Any], list[dict[str, Any]]]
 ) -> list[tuple[nn.Module, DessiLBI]]:
     """Copies of ``ref`` under the foreach, per-tensor and fused paths, each stepped 30 times
-    on one float64 batch (2×6×6 inputs, 3 classes) with ``ref`` and its ``oracle``."""
+    on one float64 batch (16 inputs of 2×6×6, 3 classes) with ``ref`` and its ``oracle``.
+    ``spec`` takes the concrete test net, hence ``Any``."""
     runs = []
     for options in ({"foreach": True}, {"foreach": False}, {"fused": True}):
         model = copy.deepcopy(ref)
