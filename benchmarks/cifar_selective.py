@@ -160,11 +160,12 @@ RUNS = {
 
 
 # The settings each model's config had when the variants above were first run; the config may
-# ship better ones since (VGG-16-BN: those of `steps`), and every variant states what it
-# changes from these, so its run (and its record's hash) stays the recorded one.
+# ship better ones since (VGG-16-BN: those of `affine_b32_early`), and every variant states
+# what it changes from these, so its run (and its record's hash) stays the recorded one.
 FIRST_SETTINGS = {
     "vgg16_bn": {"nu": 100, "selection_start": 4, "selection_calibration": 1,
-                 "equal_filter_norms": False, "batch_size": 64},
+                 "equal_filter_norms": False, "batch_size": 64, "conv_structure": "filter",
+                 "norm_structure": None, "norm_nu": None},
 }
 
 

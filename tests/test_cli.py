@@ -91,6 +91,26 @@ def test_reference_ticket_configs_build_the_reference_optimizer(name: str) -> No
     assert coupled == weights  # every conv and linear weight
 
 
+def test_vgg_selective_config_couples_each_channels_scale_and_shift_only() -> None:
+    from torch import nn
+
+    from dessilbi.models import build_model
+    from dessilbi.path import coupled_tensors
+    from dessilbi.train import build_optimizer
+
+    config = load_config("cifar10_vgg16_bn_selective")
+    model = build_model(config.model, num_classes=10)
+    optimizer = build_optimizer(config, model)
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    coupled = {t.name: t.structure for t in coupled_tensors(model, optimizer)}
+    assert len(norms) == 13
+    assert coupled == {f"{n}.{p}": "tied" for n in norms for p in ("weight", "bias")}
+    nus = {g["nu"] for g in optimizer.param_groups if g.get("structure")}
+    assert nus == {10.0}
+    assert (config.selection_start, config.selection_calibration) == (4, 2)
+    assert (config.selection_extrapolation, config.batch_size, config.lr) == ("schedule", 32, 0.05)
+
+
 def test_mnist_config_scales_pixels_to_unit_range_only_as_the_paper() -> None:
     from dessilbi.batches import input_normalization, training_augment
     from dessilbi.data import dataset_info
