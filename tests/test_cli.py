@@ -106,7 +106,7 @@ def test_vgg_selective_config_couples_each_channels_scale_and_shift_only() -> No
     assert len(norms) == 13
     assert coupled == {f"{n}.{p}": "tied" for n in norms for p in ("weight", "bias")}
     nus = {g["nu"] for g in optimizer.param_groups if g.get("structure")}
-    assert nus == {10.0}
+    assert nus == {20.0}
     assert (config.selection_start, config.selection_calibration) == (4, 2)
     assert (config.selection_extrapolation, config.batch_size, config.lr) == ("schedule", 32, 0.05)
 
