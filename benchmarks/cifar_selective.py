@@ -178,7 +178,7 @@ RUNS = {
         "conv_structure": None, "norm_structure": "affine", "norm_nu": nu,
         "exclude": ["bn1", "layer*.bn2", "layer*.shortcut.*"], "selection_calibration": 2,
         "selection_start": 4, "batch_size": 32, "selection_extrapolation": "schedule"}
-       for nu in (10, 20, 30, 40)},
+       for nu in (10, 20, 30, 40, 60, 80)},
 }
 
 
