@@ -157,7 +157,7 @@ RUNS = {
                               "selection_calibration": 2, "selection_start": 4,
                               "batch_size": 32, "selection_extrapolation": "schedule"},
     # `affine_b32_nu20_early` went from 6 to 2,310 channels (55 %) in epochs 3-6, when the
-    # dense W was at 27-38 %: its 50 % network could be no better. Started later, the burst
+    # dense W was at 26-38 %: its 50 % network could be no better. Started later, the burst
     # meets a better-trained W and a lower lr (V's growth slower), over more of the run.
     "affine_b32_nu20_e6": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 20,
                            "selection_calibration": 2, "selection_start": 6,
@@ -165,9 +165,9 @@ RUNS = {
     "affine_b32_nu20_e8": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 20,
                            "selection_calibration": 3, "selection_start": 8,
                            "batch_size": 32, "selection_extrapolation": "schedule"},
-    # Measured: neither helped. `_e6` held 2,817 (67 %) with W̃ 69.22 % against W 75.72 %,
-    # `_e8` 1,219 (29 %) with W̃ at chance: the later the entries, the more of the unselected
-    # channels' work the pruned network lacks.
+    # Measured: `_e6` held 2,817 (67 %) with W̃ 69.22 % against W 75.72 %, `_e8` 1,219 (29 %)
+    # with W̃ at chance: the later the entries, the more of the unselected channels' work the
+    # sparse network lacks.
     # ResNet-20: as `affine_b32_nu20_early`, with Γ only on the blocks' inner channels (bn1
     # of each block): the residual stream's channels (the stem, every bn2 and shortcut, which
     # the additions tie together) stay uncoupled and dense, as channel pruning of ResNets
