@@ -46,6 +46,19 @@ from dessilbi.run_state import TrainingRun
 # recorded results used; `schedule` extrapolates W(0)'s saturating part and the data's at the
 # schedule's lr (docs/selection.md).
 _LINE = {"selection_extrapolation": "linear"}
+
+# ResNet-20's batch norms on the residual stream: the stem's and every block's last (bn2) and
+# shortcut's, whose channels the additions tie together.
+_RESNET_RESIDUAL_STREAM = ["bn1", "layer*.bn2", "layer*.shortcut.*"]
+
+
+def _affine_b32(norm_nu: float, calibration: int = 2, start: int = 4, **extra: object) -> dict:
+    """Γ on each channel's batch-norm scale and shift at batch 32 (`schedule` extrapolation)."""
+    return {"conv_structure": None, "norm_structure": "affine", "norm_nu": norm_nu,
+            "selection_calibration": calibration, "selection_start": start, "batch_size": 32,
+            "selection_extrapolation": "schedule", **extra}
+
+
 RUNS = {
     # The config's first settings (ResNet-20: the shipped config now starts in epoch 7, `late`).
     "dessilbi": {"selection_start": 4, "selection_calibration": 1, **_LINE},
@@ -139,32 +152,20 @@ RUNS = {
                    **_LINE},
     # `affine_b32` started early (as `affine_early` on ResNet-20): calibrated over epochs 1-2
     # (750 steps, 3.75 pull time constants of 200 steps) for a start in epoch 4.
-    "affine_b32_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 10,
-                         "selection_calibration": 2, "selection_start": 4, "batch_size": 32,
-                         "selection_extrapolation": "schedule"},
+    "affine_b32_early": _affine_b32(10),
     # `affine_b32_early` with a weaker pull on the norms (as `affine_nu30_early` on ResNet-20,
     # which held 95 % of the channels against `affine_early`'s 61 %): `affine_b32_early` held
     # 44 % of VGG's channels, never the 50 % and 70 % the pruned checks are read at.
-    "affine_b32_nu30_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 30,
-                              "selection_calibration": 2, "selection_start": 4,
-                              "batch_size": 32, "selection_extrapolation": "schedule"},
+    "affine_b32_nu30_early": _affine_b32(30),
     # Between the two: `affine_b32_early` (ν 10) stopped at 44 % of the channels with W̃ ≈ W;
     # `affine_b32_nu30_early` passed 70 % by epoch 7 but its W̃ stayed far below W.
-    "affine_b32_nu15_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 15,
-                              "selection_calibration": 2, "selection_start": 4,
-                              "batch_size": 32, "selection_extrapolation": "schedule"},
-    "affine_b32_nu20_early": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 20,
-                              "selection_calibration": 2, "selection_start": 4,
-                              "batch_size": 32, "selection_extrapolation": "schedule"},
+    "affine_b32_nu15_early": _affine_b32(15),
+    "affine_b32_nu20_early": _affine_b32(20),
     # `affine_b32_nu20_early` went from 6 to 2,310 channels (55 %) in epochs 3-6, when the
     # dense W was at 26-38 %: its 50 % network could be no better. Started later, the burst
     # meets a better-trained W and a lower lr (V's growth slower), over more of the run.
-    "affine_b32_nu20_e6": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 20,
-                           "selection_calibration": 2, "selection_start": 6,
-                           "batch_size": 32, "selection_extrapolation": "schedule"},
-    "affine_b32_nu20_e8": {"conv_structure": None, "norm_structure": "affine", "norm_nu": 20,
-                           "selection_calibration": 3, "selection_start": 8,
-                           "batch_size": 32, "selection_extrapolation": "schedule"},
+    "affine_b32_nu20_e6": _affine_b32(20, start=6),
+    "affine_b32_nu20_e8": _affine_b32(20, calibration=3, start=8),
     # Measured: `_e6` held 2,817 (67 %) with W̃ 69.22 % against W 75.72 %, `_e8` 1,219 (29 %)
     # with W̃ at chance: the later the entries, the more of the unselected channels' work the
     # sparse network lacks.
@@ -175,10 +176,7 @@ RUNS = {
     # too, trailed SGD's dense accuracy by 4.7 points. Measured (SGD 77.19 %): ν 10, 20, 30,
     # 40, 60, 80 kept 31, 62, 82, 92, 96, 99 % of the inner channels with dense W 74.37, 75.43,
     # 75.90, 76.32, 76.59, 76.10 %.
-    **{f"inner_b32_nu{nu}_early": {
-        "conv_structure": None, "norm_structure": "affine", "norm_nu": nu,
-        "exclude": ["bn1", "layer*.bn2", "layer*.shortcut.*"], "selection_calibration": 2,
-        "selection_start": 4, "batch_size": 32, "selection_extrapolation": "schedule"}
+    **{f"inner_b32_nu{nu}_early": _affine_b32(nu, exclude=_RESNET_RESIDUAL_STREAM)
        for nu in (10, 20, 30, 40, 60, 80)},
 }
 
